@@ -1,0 +1,586 @@
+//! The vhost-user device: answers the frontend's requests and runs the
+//! rings.
+//!
+//! Ring lifecycle (vhost-user spec, "Ring states"): a ring is *started* by
+//! SET_VRING_KICK once its size, addresses and base are known, and
+//! *stopped* by GET_VRING_BASE, which returns the next available index. With
+//! VHOST_USER_F_PROTOCOL_FEATURES negotiated a ring also needs
+//! SET_VRING_ENABLE(1) before it is processed; without, it is enabled when
+//! started.
+//!
+//! Stop and start again with the same base is a VM pause: connections carry
+//! on. A start with a base different from the one returned at stop means the
+//! driver reset the device (new rings from index 0): every connection is
+//! dropped, as the vsock spec requires of a device reset.
+//!
+//! Invariant: the device never holds a descriptor chain across calls. Every
+//! chain popped is returned to the used ring before control goes back to the
+//! event loop, so a stopped ring's base is also its used index and nothing
+//! is lost when the frontend stops or resets it.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
+    VhostUserVringState,
+};
+use vhost::vhost_user::{Error as VhostError, GpuBackend, Result as VhostResult};
+use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+use vhost::VhostUserMemoryRegionBase;
+use vsockd_device::packet::HEADER_SIZE_BYTES;
+use vsockd_device::{GuestIovs, Muxer};
+use vsockd_ring::{Chain, RingAddresses, SplitRing};
+
+use crate::memory::{MemoryTable, RegionSpec};
+use crate::unix_host::UnixHost;
+
+/// Queue indices (virtio 1.2, 5.10.2).
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+pub const NUM_QUEUES: usize = 3;
+
+/// VIRTIO_F_VERSION_1 (virtio 1.2, 6).
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_RING_F_EVENT_IDX (virtio 1.2, 6).
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Epoll token of a queue's kick eventfd in the event loop.
+pub const fn kick_token(queue: usize) -> u64 {
+    0x100 + queue as u64
+}
+
+/// Settings of the device.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceConfig {
+    pub guest_cid: u64,
+    pub max_queue_size: u16,
+}
+
+#[derive(Default)]
+struct Vring {
+    size: u32,
+    /// Frontend virtual addresses of desc, avail, used.
+    addrs_va: Option<(u64, u64, u64)>,
+    base: u16,
+    kick: Option<File>,
+    call: Option<File>,
+    enabled: bool,
+    ring: Option<SplitRing>,
+    /// The base returned by the last GET_VRING_BASE.
+    stopped_at: Option<u16>,
+}
+
+/// The device state one vhost-user session works on.
+pub struct VsockDevice {
+    cfg: DeviceConfig,
+    loop_epoll: RawFd,
+    acked_features: u64,
+    acked_protocol_features: u64,
+    memory: Option<MemoryTable>,
+    vrings: [Vring; NUM_QUEUES],
+    pub muxer: Muxer<UnixHost>,
+    chain: Chain,
+}
+
+fn err_io(e: io::Error) -> VhostError {
+    VhostError::ReqHandlerError(e)
+}
+
+fn invalid(msg: String) -> VhostError {
+    warn!("frontend request refused: {msg}");
+    VhostError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, msg))
+}
+
+impl VsockDevice {
+    pub fn new(cfg: DeviceConfig, loop_epoll: RawFd, muxer: Muxer<UnixHost>) -> Self {
+        VsockDevice {
+            cfg,
+            loop_epoll,
+            acked_features: 0,
+            acked_protocol_features: 0,
+            memory: None,
+            vrings: Default::default(),
+            muxer,
+            chain: Chain::new(),
+        }
+    }
+
+    fn offered_features() -> u64 {
+        VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn event_idx(&self) -> bool {
+        self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0
+    }
+
+    fn protocol_features_acked(&self) -> bool {
+        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// The frontend went away: forget the session, drop every connection.
+    pub fn end_session(&mut self) {
+        for q in 0..NUM_QUEUES {
+            self.stop_ring(q);
+        }
+        self.vrings = Default::default();
+        self.memory = None;
+        self.acked_features = 0;
+        self.acked_protocol_features = 0;
+        self.muxer.reset();
+    }
+
+    fn queue(&self, index: u32) -> VhostResult<usize> {
+        let q = index as usize;
+        if q < NUM_QUEUES {
+            Ok(q)
+        } else {
+            Err(invalid(format!("queue index {index} (the device has {NUM_QUEUES})")))
+        }
+    }
+
+    fn build_ring(&self, q: usize) -> Result<SplitRing, String> {
+        let v = &self.vrings[q];
+        let mem = self
+            .memory
+            .as_ref()
+            .ok_or_else(|| format!("queue {q} started before SET_MEM_TABLE"))?;
+        let (d, a, u) = v
+            .addrs_va
+            .ok_or_else(|| format!("queue {q} started before SET_VRING_ADDR"))?;
+        let tr = |va: u64, what: &str| {
+            mem.va_to_gpa(va)
+                .ok_or_else(|| format!("queue {q} {what} address {va:#x} is not in guest memory"))
+        };
+        let addrs = RingAddresses {
+            desc: tr(d, "descriptor")?,
+            avail: tr(a, "available")?,
+            used: tr(u, "used")?,
+        };
+        SplitRing::new(&mem.mem, v.size, addrs, self.event_idx(), v.base)
+            .map_err(|e| format!("queue {q}: {e}"))
+    }
+
+    fn start_ring(&mut self, q: usize) -> VhostResult<()> {
+        let ring = self.build_ring(q).map_err(invalid)?;
+        if q != EVENT_QUEUE {
+            if let Some(kick) = &self.vrings[q].kick {
+                let ev = epoll::Event::new(epoll::Events::EPOLLIN, kick_token(q));
+                epoll::ctl(
+                    self.loop_epoll,
+                    epoll::ControlOptions::EPOLL_CTL_ADD,
+                    kick.as_raw_fd(),
+                    ev,
+                )
+                .map_err(err_io)?;
+            }
+        }
+        debug!(
+            "queue {q} started: size {} next_avail {} next_used {}",
+            ring.size(),
+            ring.next_avail(),
+            ring.next_used()
+        );
+        self.vrings[q].ring = Some(ring);
+        if !self.protocol_features_acked() {
+            self.vrings[q].enabled = true;
+        }
+        Ok(())
+    }
+
+    /// Stops a ring; returns its next available index.
+    fn stop_ring(&mut self, q: usize) -> u16 {
+        let v = &mut self.vrings[q];
+        if let Some(kick) = v.kick.take() {
+            let _ = epoll::ctl(
+                self.loop_epoll,
+                epoll::ControlOptions::EPOLL_CTL_DEL,
+                kick.as_raw_fd(),
+                epoll::Event::new(epoll::Events::empty(), 0),
+            );
+        }
+        if let Some(ring) = v.ring.take() {
+            v.base = ring.next_avail();
+            debug!("queue {q} stopped at {}", v.base);
+        }
+        v.base
+    }
+
+    /// Drains a kick eventfd.
+    pub fn ack_kick(&self, q: usize) {
+        if let Some(kick) = &self.vrings[q].kick {
+            let mut buf = [0u8; 8];
+            // SAFETY: reads 8 bytes into a local buffer from an eventfd.
+            let _ = unsafe { libc::read(kick.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        }
+    }
+
+    fn running(&self, q: usize) -> bool {
+        self.vrings[q].enabled && self.vrings[q].ring.is_some()
+    }
+
+    fn notify(&self, q: usize) {
+        if let Some(call) = &self.vrings[q].call {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a local buffer to an eventfd.
+            let rc = unsafe { libc::write(call.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            if rc < 0 {
+                warn!("queue {q}: call eventfd write failed: {}", io::Error::last_os_error());
+            }
+        }
+    }
+
+    /// Processes both data queues: every TX packet available, then as many
+    /// RX packets as there is work and buffers for. Publishes each used ring
+    /// once and notifies at most once per queue.
+    pub fn process_queues(&mut self) {
+        if self.running(TX_QUEUE) {
+            self.process_tx();
+        }
+        if self.running(RX_QUEUE) {
+            self.process_rx();
+        }
+    }
+
+    fn process_tx(&mut self) {
+        let Some(memory) = &self.memory else { return };
+        let mem = &memory.mem;
+        let Some(ring) = self.vrings[TX_QUEUE].ring.as_mut() else {
+            return;
+        };
+        let chain = &mut self.chain;
+        let muxer = &mut self.muxer;
+        let result: Result<(), vsockd_ring::RingError> = (|| {
+            loop {
+                ring.disable_notification(mem)?;
+                while let Some(popped) = ring.pop(mem, chain)? {
+                    match popped {
+                        Ok(()) => {
+                            // SAFETY: the chain was walked over `mem`, which
+                            // stays mapped for this whole call; every iovec
+                            // lies inside it.
+                            let pkt = unsafe { GuestIovs::new(chain.readable()) };
+                            muxer.handle_tx(&pkt);
+                            ring.push_used(mem, chain.head(), 0)?;
+                        }
+                        Err(e) => {
+                            warn!("TX queue: dropping malformed descriptor {e}");
+                            if e.head < ring.size() {
+                                ring.push_used(mem, e.head, 0)?;
+                            }
+                        }
+                    }
+                }
+                if !ring.enable_notification(mem)? {
+                    return Ok(());
+                }
+            }
+        })();
+        if let Err(e) = result {
+            warn!("TX queue: {e}");
+        }
+        match ring.publish(mem) {
+            Ok(true) => self.notify(TX_QUEUE),
+            Ok(false) => {}
+            Err(e) => warn!("TX queue: {e}"),
+        }
+    }
+
+    fn process_rx(&mut self) {
+        let Some(memory) = &self.memory else { return };
+        let mem = &memory.mem;
+        let Some(ring) = self.vrings[RX_QUEUE].ring.as_mut() else {
+            return;
+        };
+        let chain = &mut self.chain;
+        let muxer = &mut self.muxer;
+        let result: Result<(), vsockd_ring::RingError> = (|| {
+            while muxer.has_rx_work() {
+                let Some(popped) = ring.pop(mem, chain)? else {
+                    // Out of buffers with work left: ask for a kick, and go
+                    // on if buffers came meanwhile.
+                    if ring.enable_notification(mem)? {
+                        continue;
+                    }
+                    return Ok(());
+                };
+                if let Err(e) = popped {
+                    warn!("RX queue: dropping malformed descriptor {e}");
+                    if e.head < ring.size() {
+                        ring.push_used(mem, e.head, 0)?;
+                    }
+                    continue;
+                }
+                if chain.writable_len() < HEADER_SIZE_BYTES {
+                    warn!(
+                        "RX queue: buffer {} of {} writable bytes cannot hold a header; returning it",
+                        chain.head(),
+                        chain.writable_len()
+                    );
+                    ring.push_used(mem, chain.head(), 0)?;
+                    continue;
+                }
+                // SAFETY: as in `process_tx`.
+                let buf = unsafe { GuestIovs::new(chain.writable()) };
+                match muxer.fill_rx(&buf) {
+                    Some(len) => ring.push_used(mem, chain.head(), len as u32)?,
+                    None => {
+                        ring.unpop();
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            warn!("RX queue: {e}");
+        }
+        match ring.publish(mem) {
+            Ok(true) => self.notify(RX_QUEUE),
+            Ok(false) => {}
+            Err(e) => warn!("RX queue: {e}"),
+        }
+    }
+}
+
+fn unsupported(what: &'static str) -> VhostError {
+    debug!("frontend request not supported: {what}");
+    VhostError::InvalidOperation(what)
+}
+
+impl VhostUserBackendReqHandlerMut for VsockDevice {
+    fn set_owner(&mut self) -> VhostResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostResult<()> {
+        info!("frontend reset the owner: dropping the session state");
+        self.end_session();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VhostResult<()> {
+        info!("frontend reset the device");
+        self.end_session();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VhostResult<u64> {
+        Ok(Self::offered_features())
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostResult<()> {
+        let unknown = features & !Self::offered_features();
+        if unknown != 0 {
+            return Err(invalid(format!("features {unknown:#x} were not offered")));
+        }
+        debug!("features acked: {features:#x}");
+        self.acked_features = features;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let specs = ctx
+            .iter()
+            .zip(files)
+            .map(|(r, file)| RegionSpec {
+                guest_phys_addr: r.guest_phys_addr,
+                size: r.memory_size,
+                user_addr: r.user_addr,
+                mmap_offset: r.mmap_offset,
+                file,
+            })
+            .collect();
+        let table = MemoryTable::map(specs).map_err(invalid)?;
+        info!("guest memory table: {} regions", ctx.len());
+        self.memory = Some(table);
+        // Running rings keep their indices over the new mapping.
+        for q in 0..NUM_QUEUES {
+            if let Some(old) = self.vrings[q].ring.take() {
+                self.vrings[q].base = old.next_avail();
+                let ring = self.build_ring(q).map_err(invalid)?;
+                self.vrings[q].ring = Some(ring);
+            }
+        }
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        let q = self.queue(index)?;
+        if num == 0 || num > u32::from(self.cfg.max_queue_size) || !num.is_power_of_two() {
+            return Err(invalid(format!(
+                "queue {q} size {num} (must be a power of two up to {})",
+                self.cfg.max_queue_size
+            )));
+        }
+        self.vrings[q].size = num;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostResult<()> {
+        let q = self.queue(index)?;
+        self.vrings[q].addrs_va = Some((descriptor, available, used));
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
+        let q = self.queue(index)?;
+        let base = u16::try_from(base).map_err(|_| invalid(format!("queue {q} base {base}")))?;
+        if let Some(prev) = self.vrings[q].stopped_at.take() {
+            if prev != base && q != EVENT_QUEUE {
+                info!("queue {q} restarts at {base}, stopped at {prev}: the driver reset the device");
+                self.muxer.reset();
+            }
+        }
+        self.vrings[q].base = base;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        let q = self.queue(index)?;
+        // Finish what the ring holds before it stops.
+        if q != EVENT_QUEUE && self.running(q) {
+            self.process_queues();
+        }
+        let base = self.stop_ring(q);
+        self.vrings[q].enabled = false;
+        self.vrings[q].stopped_at = Some(base);
+        Ok(VhostUserVringState::new(index, u32::from(base)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let q = self.queue(u32::from(index))?;
+        self.stop_ring(q);
+        let Some(fd) = fd else {
+            return Err(invalid(format!("queue {q}: polling mode (no kick fd) is not supported")));
+        };
+        self.vrings[q].kick = Some(fd);
+        self.vrings[q].stopped_at = None;
+        self.start_ring(q)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let q = self.queue(u32::from(index))?;
+        self.vrings[q].call = fd;
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VhostResult<()> {
+        self.queue(u32::from(index))?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
+        Ok(VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG)
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
+        self.acked_protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VhostResult<u64> {
+        Ok(NUM_QUEUES as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+        let q = self.queue(index)?;
+        debug!("queue {q} enable={enable}");
+        self.vrings[q].enabled = enable;
+        Ok(())
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<Vec<u8>> {
+        // struct virtio_vsock_config { le64 guest_cid; } (virtio 1.2, 5.10.4)
+        let config = self.cfg.guest_cid.to_le_bytes();
+        let (start, len) = (offset as usize, size as usize);
+        match start.checked_add(len) {
+            Some(end) if end <= config.len() => Ok(config[start..end].to_vec()),
+            _ => Err(invalid(format!("config read of {len} bytes at {start}"))),
+        }
+    }
+
+    fn set_config(&mut self, _o: u32, _b: &[u8], _f: VhostUserConfigFlags) -> VhostResult<()> {
+        Err(unsupported("the vsock config space is read-only"))
+    }
+
+    fn set_gpu_socket(&mut self, _gpu: GpuBackend) -> VhostResult<()> {
+        Err(unsupported("GPU_SET_SOCKET"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
+        Err(unsupported("GET_SHARED_OBJECT"))
+    }
+
+    fn get_inflight_fd(&mut self, _i: &VhostUserInflight) -> VhostResult<(VhostUserInflight, File)> {
+        Err(unsupported("GET_INFLIGHT_FD"))
+    }
+
+    fn set_inflight_fd(&mut self, _i: &VhostUserInflight, _file: File) -> VhostResult<()> {
+        Err(unsupported("SET_INFLIGHT_FD"))
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
+        Err(unsupported("GET_MAX_MEM_SLOTS"))
+    }
+
+    fn add_mem_region(
+        &mut self,
+        _r: &VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy: Option<bool>,
+    ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
+        Err(unsupported("ADD_MEM_REG"))
+    }
+
+    fn remove_mem_region(&mut self, _r: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        Err(unsupported("REM_MEM_REG"))
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _d: VhostTransferStateDirection,
+        _p: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VhostResult<Option<File>> {
+        Err(unsupported("SET_DEVICE_STATE_FD"))
+    }
+
+    fn check_device_state(&mut self) -> VhostResult<()> {
+        Err(unsupported("CHECK_DEVICE_STATE"))
+    }
+
+    fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
+        Err(unsupported("GET_SHMEM_CONFIG"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
+        Err(unsupported("SET_LOG_BASE"))
+    }
+}

@@ -1,0 +1,99 @@
+//! The host side over Unix sockets, Firecracker's hybrid vsock layout: host
+//! clients connect to `<uds-path>`; a guest connect to port P reaches the
+//! listener at `<uds-path>_P`.
+
+use std::io;
+use std::mem;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use vsockd_device::Host;
+
+/// Host listener plus the path prefix of host services.
+pub struct UnixHost {
+    listener: UnixListener,
+    uds_path: PathBuf,
+}
+
+impl UnixHost {
+    /// Wraps a bound listener (made non-blocking here).
+    pub fn new(listener: UnixListener, uds_path: PathBuf) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(UnixHost { listener, uds_path })
+    }
+
+    /// The path host clients connect to.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+}
+
+impl Host for UnixHost {
+    type Stream = UnixStream;
+
+    fn listener_fd(&self) -> Option<RawFd> {
+        Some(self.listener.as_raw_fd())
+    }
+
+    fn accept(&mut self) -> io::Result<Option<UnixStream>> {
+        match self.listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(true)?;
+                Ok(Some(s))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn connect(&mut self, port: u32) -> io::Result<UnixStream> {
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{port}"));
+        connect_nonblocking(Path::new(&path))
+    }
+}
+
+/// Connects without ever blocking the event loop: a listener whose backlog
+/// is full answers EAGAIN, which the guest sees as a refused connect.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    // SAFETY: `sockaddr_un` is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path {} is too long", path.display()),
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is a valid sockaddr_un of the given length.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
+}

@@ -1,0 +1,448 @@
+//! One guest connection bridged to one host stream: the state machine and
+//! its credit accounting (virtio 1.2, 5.10.6.3).
+//!
+//! States:
+//!
+//! ```text
+//!   host client connects          guest REQUEST, host connect ok
+//!          |                                   |
+//!     AwaitLine --CONNECT <port>--> LocalInit  |
+//!                 (owe REQUEST)        |       |
+//!                          guest RESPONSE      |  (owe RESPONSE)
+//!                          (write "OK <p>")    v
+//!                                  +----> Established
+//! ```
+//!
+//! A connection leaves the table when the guest sends RST, or right after we
+//! send one (owed on any error, on a guest protocol violation, or when both
+//! sides have shut down). Half-closes are tracked per direction:
+//! `peer_shutdown` holds the guest's SHUTDOWN flags, `local_shutdown` the
+//! flags we sent. A guest SEND shutdown becomes `shutdown(SHUT_WR)` on the
+//! host stream once every byte before it reached the host; host EOF becomes
+//! a SHUTDOWN(SEND) to the guest once every byte before it reached the guest.
+//!
+//! Credit invariants, with all counters wrapping u32 as on the wire:
+//! * guest to host: `rx_cnt - fwd_cnt == txbuf.len() <= buf_alloc`; `fwd_cnt`
+//!   counts bytes the host stream accepted, so the credit the guest sees is
+//!   backed by room in our buffer and a slow host reader costs at most
+//!   `buf_alloc` bytes.
+//! * host to guest: we read from the host only what the guest has room for,
+//!   `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`; the rest waits in the host
+//!   socket, which pushes back on the host writer.
+
+use std::io;
+use std::num::Wrapping;
+
+use log::{debug, warn};
+
+use crate::connect_line::LineParser;
+use crate::host::HostStream;
+use crate::iov::{write_fd, GuestIovs};
+use crate::packet::*;
+use crate::txbuf::TxBuf;
+use crate::ConnKey;
+
+/// Control packets a connection owes the guest, as bits.
+pub(crate) mod owe {
+    pub const REQUEST: u8 = 1;
+    pub const RESPONSE: u8 = 2;
+    pub const SHUTDOWN: u8 = 4;
+    pub const CREDIT_UPDATE: u8 = 8;
+    pub const RST: u8 = 16;
+}
+
+/// Where a connection is in its life.
+#[derive(Debug)]
+pub(crate) enum State {
+    /// A host client connected; reading its `CONNECT <port>` line.
+    AwaitLine(LineParser),
+    /// REQUEST owed or sent to the guest; waiting for RESPONSE.
+    LocalInit,
+    /// Data flows.
+    Established,
+    /// RST owed or sent: every further packet is ignored until removal.
+    Closing,
+}
+
+/// Why a connection must be reset.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnError {
+    #[error("host stream write failed: {0}")]
+    HostWrite(#[source] io::Error),
+    #[error("host stream read failed: {0}")]
+    HostRead(#[source] io::Error),
+    #[error("guest sent {len} bytes with only {free} bytes of credit left")]
+    CreditExceeded { len: usize, free: usize },
+    #[error("could not send the OK line to the host client: {0}")]
+    OkLine(#[source] io::Error),
+}
+
+/// What filling one RX buffer produced.
+pub(crate) struct RxFill {
+    /// Bytes written to the buffer, header included.
+    pub len: usize,
+    /// The packet was an RST: remove the connection.
+    pub close: bool,
+}
+
+/// One connection.
+pub(crate) struct Connection<S> {
+    pub stream: S,
+    pub state: State,
+    pub key: ConnKey,
+    // Guest to host.
+    buf_alloc: u32,
+    fwd_cnt: Wrapping<u32>,
+    rx_cnt: Wrapping<u32>,
+    last_fwd_cnt_sent: Wrapping<u32>,
+    txbuf: TxBuf,
+    // Host to guest.
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: Wrapping<u32>,
+    tx_cnt: Wrapping<u32>,
+    /// Stream bytes that arrived with the CONNECT line.
+    rx_prefix: Vec<u8>,
+    // Host stream readiness (edge-triggered) and ends.
+    pub host_readable: bool,
+    /// The host shut down its writing side (EPOLLRDHUP): EOF is ahead, so
+    /// the stream stays readable until it is read.
+    pub host_rdhup: bool,
+    /// The host closed the stream entirely (EPOLLHUP).
+    pub host_hup: bool,
+    host_eof: bool,
+    host_write_shut: bool,
+    // Shutdown flags received from and sent to the guest.
+    peer_shutdown: u32,
+    local_shutdown: u32,
+    owed: u8,
+    shutdown_flags: u32,
+    pub in_rx_queue: bool,
+}
+
+impl<S: HostStream> Connection<S> {
+    fn new(stream: S, state: State, key: ConnKey, buf_alloc: u32) -> Self {
+        Connection {
+            stream,
+            state,
+            key,
+            buf_alloc,
+            fwd_cnt: Wrapping(0),
+            rx_cnt: Wrapping(0),
+            last_fwd_cnt_sent: Wrapping(0),
+            txbuf: TxBuf::new(buf_alloc as usize),
+            peer_buf_alloc: 0,
+            peer_fwd_cnt: Wrapping(0),
+            tx_cnt: Wrapping(0),
+            rx_prefix: Vec::new(),
+            host_readable: false,
+            host_rdhup: false,
+            host_hup: false,
+            host_eof: false,
+            host_write_shut: false,
+            peer_shutdown: 0,
+            local_shutdown: 0,
+            owed: 0,
+            shutdown_flags: 0,
+            in_rx_queue: false,
+        }
+    }
+
+    /// A host client that has yet to send its CONNECT line.
+    pub fn new_host_client(stream: S, buf_alloc: u32) -> Self {
+        Self::new(
+            stream,
+            State::AwaitLine(LineParser::default()),
+            ConnKey::default(),
+            buf_alloc,
+        )
+    }
+
+    /// A guest connect that reached a host service: owes RESPONSE.
+    pub fn new_guest_initiated(stream: S, key: ConnKey, hdr: &PacketHeader, buf_alloc: u32) -> Self {
+        let mut c = Self::new(stream, State::Established, key, buf_alloc);
+        c.update_peer_credit(hdr);
+        c.owed = owe::RESPONSE;
+        c
+    }
+
+    /// The host client sent `CONNECT <port>`: owe the guest a REQUEST.
+    pub fn start_local_init(&mut self, key: ConnKey, prefix: Vec<u8>) {
+        self.key = key;
+        self.state = State::LocalInit;
+        self.rx_prefix = prefix;
+        self.owed |= owe::REQUEST;
+        // More stream bytes may already wait in the socket.
+        self.host_readable = true;
+    }
+
+    /// Takes the credit fields every guest header carries.
+    pub fn update_peer_credit(&mut self, hdr: &PacketHeader) {
+        self.peer_buf_alloc = hdr.buf_alloc();
+        self.peer_fwd_cnt = Wrapping(hdr.fwd_cnt());
+    }
+
+    /// Bytes the guest can still take.
+    fn peer_credit(&self) -> u32 {
+        let in_flight = (self.tx_cnt - self.peer_fwd_cnt).0;
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    pub fn is_closing(&self) -> bool {
+        matches!(self.state, State::Closing)
+    }
+
+    /// Owes the guest an RST; nothing else will be sent.
+    pub fn reset(&mut self) {
+        self.state = State::Closing;
+        self.owed = owe::RST;
+    }
+
+    pub fn owe(&mut self, what: u8) {
+        if !self.is_closing() {
+            self.owed |= what;
+        }
+    }
+
+    fn can_send_data(&self) -> bool {
+        matches!(self.state, State::Established)
+            && (self.host_readable || !self.rx_prefix.is_empty())
+            && !self.host_eof
+            && self.peer_shutdown & SHUTDOWN_RCV == 0
+            && self.peer_credit() > 0
+    }
+
+    /// True when the connection has something for the RX queue.
+    pub fn has_rx_work(&self) -> bool {
+        self.owed != 0 || self.can_send_data()
+    }
+
+    /// The guest answered our REQUEST: tell the host client, start the stream.
+    pub fn establish(&mut self) -> Result<(), ConnError> {
+        let line = format!("OK {}\n", self.key.local_port);
+        match write_fd(self.stream.as_raw_fd(), &[line.as_bytes()]) {
+            Ok(n) if n == line.len() => {
+                self.state = State::Established;
+                Ok(())
+            }
+            Ok(n) => Err(ConnError::OkLine(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("only {n} of {} bytes written", line.len()),
+            ))),
+            Err(e) => Err(ConnError::OkLine(e)),
+        }
+    }
+
+    /// Forwards `len` payload bytes that follow the header in `pkt`.
+    pub fn on_rw(
+        &mut self,
+        pkt: &GuestIovs<'_>,
+        len: usize,
+        scratch: &mut Vec<libc::iovec>,
+    ) -> Result<(), ConnError> {
+        self.rx_cnt += Wrapping(len as u32);
+        let mut written = 0;
+        if self.txbuf.is_empty() && len > 0 {
+            let window = pkt.window(HEADER_SIZE_BYTES, len, scratch);
+            match window.writev_to(self.stream.as_raw_fd()) {
+                Ok(n) => written = n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(ConnError::HostWrite(e)),
+            }
+        }
+        self.fwd_cnt += Wrapping(written as u32);
+        let rest = len - written;
+        if rest > 0 {
+            let free = self.txbuf.free();
+            self.txbuf
+                .push_guest(pkt, HEADER_SIZE_BYTES + written, rest)
+                .map_err(|()| ConnError::CreditExceeded { len: rest, free })?;
+        }
+        self.settle();
+        Ok(())
+    }
+
+    /// The host stream became writable: push out buffered guest bytes.
+    pub fn on_host_writable(&mut self) -> Result<(), ConnError> {
+        if !self.txbuf.is_empty() {
+            let n = self
+                .txbuf
+                .flush_to(self.stream.as_raw_fd())
+                .map_err(ConnError::HostWrite)?;
+            self.fwd_cnt += Wrapping(n as u32);
+        }
+        self.settle();
+        Ok(())
+    }
+
+    /// The guest sent SHUTDOWN with `flags`.
+    pub fn on_shutdown(&mut self, flags: u32) {
+        self.peer_shutdown |= flags & SHUTDOWN_BOTH;
+        self.settle();
+    }
+
+    /// Applies what waits for the buffer to drain, and decides on credit
+    /// updates.
+    fn settle(&mut self) {
+        if self.txbuf.is_empty() {
+            if self.peer_shutdown & SHUTDOWN_SEND != 0 && !self.host_write_shut {
+                self.host_write_shut = true;
+                if let Err(e) = self.stream.shutdown_write() {
+                    debug!("{}: host shutdown(SHUT_WR): {e}", self.key);
+                }
+            }
+            if self.peer_shutdown == SHUTDOWN_BOTH {
+                debug!("{}: guest closed, all bytes forwarded: RST", self.key);
+                self.reset();
+                return;
+            }
+        }
+        // Tell the guest about freed credit before it runs dry: once its view
+        // of our free space falls under half, any bytes forwarded since the
+        // last header we sent are worth an update.
+        let unadvertised = (self.fwd_cnt - self.last_fwd_cnt_sent).0;
+        let guest_view_used = (self.rx_cnt - self.last_fwd_cnt_sent).0;
+        let guest_view_free = self.buf_alloc.saturating_sub(guest_view_used);
+        if unadvertised > 0 && guest_view_free < self.buf_alloc / 2 {
+            self.owe(owe::CREDIT_UPDATE);
+        }
+    }
+
+    fn header(&mut self, guest_cid: u64, op: u16, len: u32) -> PacketHeader {
+        let mut h = PacketHeader::default();
+        h.set_src_cid(HOST_CID)
+            .set_dst_cid(guest_cid)
+            .set_src_port(self.key.local_port)
+            .set_dst_port(self.key.peer_port)
+            .set_type(TYPE_STREAM)
+            .set_op(op)
+            .set_len(len)
+            .set_buf_alloc(self.buf_alloc)
+            .set_fwd_cnt(self.fwd_cnt.0);
+        // Every header carries fwd_cnt, so it is also a credit update.
+        self.last_fwd_cnt_sent = self.fwd_cnt;
+        self.owed &= !owe::CREDIT_UPDATE;
+        h
+    }
+
+    fn put_control(&mut self, guest_cid: u64, buf: &GuestIovs<'_>, op: u16, flags: u32) -> RxFill {
+        let mut h = self.header(guest_cid, op, 0);
+        h.set_flags(flags);
+        debug!("rx {h:?}");
+        buf.write_at(0, vm_memory::ByteValued::as_slice(&h));
+        RxFill {
+            len: HEADER_SIZE_BYTES,
+            close: op == OP_RST,
+        }
+    }
+
+    /// Fills one RX buffer (at least a header long) with the next packet
+    /// this connection owes or has data for. `None`: nothing to send.
+    pub fn fill_rx(
+        &mut self,
+        guest_cid: u64,
+        buf: &GuestIovs<'_>,
+        scratch: &mut Vec<libc::iovec>,
+    ) -> Option<RxFill> {
+        if self.owed & owe::RST != 0 {
+            self.owed = 0;
+            return Some(self.put_control(guest_cid, buf, OP_RST, 0));
+        }
+        if self.owed & owe::REQUEST != 0 {
+            self.owed &= !owe::REQUEST;
+            return Some(self.put_control(guest_cid, buf, OP_REQUEST, 0));
+        }
+        if self.owed & owe::RESPONSE != 0 {
+            self.owed &= !owe::RESPONSE;
+            return Some(self.put_control(guest_cid, buf, OP_RESPONSE, 0));
+        }
+        if self.can_send_data() {
+            match self.read_payload(buf, scratch) {
+                Ok(0) => {}
+                Ok(n) => {
+                    self.tx_cnt += Wrapping(n as u32);
+                    let h = self.header(guest_cid, OP_RW, n as u32);
+                    debug!("rx {h:?}");
+                    buf.write_at(0, vm_memory::ByteValued::as_slice(&h));
+                    return Some(RxFill {
+                        len: HEADER_SIZE_BYTES + n,
+                        close: false,
+                    });
+                }
+                Err(e) => {
+                    warn!("{}: resetting connection: {e}", self.key);
+                    self.reset();
+                    return Some(self.put_control(guest_cid, buf, OP_RST, 0));
+                }
+            }
+        }
+        if self.owed & owe::SHUTDOWN != 0 {
+            self.owed &= !owe::SHUTDOWN;
+            let flags = self.shutdown_flags & !self.local_shutdown;
+            self.local_shutdown |= flags;
+            return Some(self.put_control(guest_cid, buf, OP_SHUTDOWN, flags));
+        }
+        if self.owed & owe::CREDIT_UPDATE != 0 {
+            return Some(self.put_control(guest_cid, buf, OP_CREDIT_UPDATE, 0));
+        }
+        None
+    }
+
+    /// Reads host bytes into the buffer after the header. `Ok(0)` means
+    /// nothing was read (would block, or EOF, which owes a SHUTDOWN).
+    fn read_payload(
+        &mut self,
+        buf: &GuestIovs<'_>,
+        scratch: &mut Vec<libc::iovec>,
+    ) -> Result<usize, ConnError> {
+        let room = buf.len().saturating_sub(HEADER_SIZE_BYTES);
+        let cap = room.min(MAX_PAYLOAD_BYTES).min(self.peer_credit() as usize);
+        if cap == 0 {
+            return Ok(0);
+        }
+        if !self.rx_prefix.is_empty() {
+            let n = cap.min(self.rx_prefix.len());
+            buf.write_at(HEADER_SIZE_BYTES, &self.rx_prefix[..n]);
+            self.rx_prefix.drain(..n);
+            if self.rx_prefix.is_empty() {
+                self.rx_prefix = Vec::new();
+            }
+            return Ok(n);
+        }
+        let window = buf.window(HEADER_SIZE_BYTES, cap, scratch);
+        match window.readv_from(self.stream.as_raw_fd()) {
+            Ok(0) => {
+                self.host_eof = true;
+                self.host_readable = false;
+                // A Unix peer that closed (rather than shut down its writing
+                // side) also gets the guest's writes refused.
+                let flags = if self.host_hup {
+                    SHUTDOWN_BOTH
+                } else {
+                    SHUTDOWN_SEND
+                };
+                debug!("{}: host EOF, owe SHUTDOWN({flags:#x})", self.key);
+                self.shutdown_flags |= flags;
+                self.owe(owe::SHUTDOWN);
+                Ok(0)
+            }
+            Ok(n) => {
+                // A short read drained the socket: wait for the next edge,
+                // unless the host's EOF (already signalled) is still ahead.
+                if n < cap && !self.host_rdhup {
+                    self.host_readable = false;
+                }
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.host_readable = false;
+                Ok(0)
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e) => Err(ConnError::HostRead(e)),
+        }
+    }
+}

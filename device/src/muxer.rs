@@ -1,0 +1,530 @@
+//! The vsock device proper: the connection table, the host listener, and the
+//! two packet paths.
+//!
+//! * TX (guest to host): [`Muxer::handle_tx`] takes one packet, validates it
+//!   and drives the connection it belongs to.
+//! * RX (host to guest): [`Muxer::fill_rx`] fills one guest buffer with the
+//!   next packet owed: RSTs for unknown connections first, then connections
+//!   round-robin from the RX queue.
+//! * Host events: [`Muxer::process_host_events`] drains the muxer's own epoll
+//!   set (edge-triggered), accepting host clients and turning readiness into
+//!   RX work or buffered-byte flushes.
+//!
+//! Invariant: a connection index is in the RX queue whenever its
+//! `in_rx_queue` flag is set; the flag is set only while the connection has
+//! RX work or had it when queued. Stale queue entries (removed or
+//! re-used slots whose flag is clear) are skipped, so the queue never makes
+//! a connection send twice what it owes once.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use log::{debug, info, warn};
+use vm_memory::ByteValued;
+
+use crate::conn::{owe, Connection, State};
+use crate::connect_line::{LineError, MAX_LINE_BYTES};
+use crate::host::Host;
+use crate::iov::{read_fd, GuestIovs};
+use crate::packet::*;
+use crate::{ConnKey, DeviceError};
+
+/// Token of the host listener in the muxer's epoll set.
+const LISTENER_TOKEN: u64 = u64::MAX;
+/// RSTs for unknown connections waiting for RX buffers; more are dropped.
+const MAX_ORPHAN_RSTS: usize = 1024;
+/// First host-side port handed to host-initiated connections (as Firecracker).
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Epoll events one wait returns at most.
+const EVENTS_PER_WAIT: usize = 256;
+
+/// Device settings.
+#[derive(Debug, Clone, Copy)]
+pub struct MuxerConfig {
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// Receive buffer advertised to the guest per connection, in bytes.
+    pub buf_alloc: u32,
+}
+
+/// Counters for logs and status.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MuxerStats {
+    /// Packets dropped or answered with RST because they were malformed.
+    pub bad_packets: u64,
+    /// Connections reset by us.
+    pub resets_sent: u64,
+}
+
+/// The vsock device over a [`Host`].
+pub struct Muxer<H: Host> {
+    cfg: MuxerConfig,
+    host: H,
+    epoll: OwnedFd,
+    conns: Vec<Option<Connection<H::Stream>>>,
+    free_slots: Vec<usize>,
+    by_key: HashMap<ConnKey, usize>,
+    rx_queue: VecDeque<usize>,
+    orphan_rsts: VecDeque<PacketHeader>,
+    next_local_port: u32,
+    scratch: Vec<libc::iovec>,
+    events: Vec<epoll::Event>,
+    stats: MuxerStats,
+}
+
+impl<H: Host> Muxer<H> {
+    /// A device with no connections, polling `host`'s listener.
+    pub fn new(cfg: MuxerConfig, host: H) -> Result<Self, DeviceError> {
+        let fd = epoll::create(true).map_err(DeviceError::Epoll)?;
+        // SAFETY: `epoll::create` returned a new descriptor that we own.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        if let Some(lfd) = host.listener_fd() {
+            let ev = epoll::Event::new(epoll::Events::EPOLLIN, LISTENER_TOKEN);
+            epoll::ctl(fd, epoll::ControlOptions::EPOLL_CTL_ADD, lfd, ev)
+                .map_err(DeviceError::Epoll)?;
+        }
+        Ok(Muxer {
+            cfg,
+            host,
+            epoll,
+            conns: Vec::new(),
+            free_slots: Vec::new(),
+            by_key: HashMap::new(),
+            rx_queue: VecDeque::new(),
+            orphan_rsts: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+            scratch: Vec::with_capacity(32),
+            events: vec![epoll::Event::new(epoll::Events::empty(), 0); EVENTS_PER_WAIT],
+            stats: MuxerStats::default(),
+        })
+    }
+
+    /// The epoll descriptor to poll for host events (readable when
+    /// [`Muxer::process_host_events`] has work).
+    pub fn epoll_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
+    /// The host side.
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> MuxerStats {
+        self.stats
+    }
+
+    /// Open connections, host clients still sending their line included.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len() - self.free_slots.len()
+    }
+
+    /// True when [`Muxer::fill_rx`] may have a packet to give.
+    pub fn has_rx_work(&self) -> bool {
+        !self.orphan_rsts.is_empty() || !self.rx_queue.is_empty()
+    }
+
+    /// Drops every connection (device reset, or the frontend went away).
+    /// Host streams are closed; the guest is not told (its driver is gone).
+    pub fn reset(&mut self) {
+        let n = self.connection_count();
+        if n > 0 {
+            info!("device reset: closing {n} connections");
+        }
+        for slot in 0..self.conns.len() {
+            self.remove(slot);
+        }
+        self.conns.clear();
+        self.free_slots.clear();
+        self.rx_queue.clear();
+        self.orphan_rsts.clear();
+    }
+
+    fn conn(&mut self, slot: usize) -> Option<&mut Connection<H::Stream>> {
+        self.conns.get_mut(slot).and_then(Option::as_mut)
+    }
+
+    fn insert(&mut self, conn: Connection<H::Stream>) -> io::Result<usize> {
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None => {
+                self.conns.push(None);
+                self.conns.len() - 1
+            }
+        };
+        let events = epoll::Events::EPOLLIN
+            | epoll::Events::EPOLLOUT
+            | epoll::Events::EPOLLRDHUP
+            | epoll::Events::EPOLLET;
+        let fd = conn.stream.as_raw_fd();
+        let ev = epoll::Event::new(events, slot as u64);
+        if let Err(e) = epoll::ctl(
+            self.epoll.as_raw_fd(),
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            fd,
+            ev,
+        ) {
+            self.free_slots.push(slot);
+            return Err(e);
+        }
+        self.conns[slot] = Some(conn);
+        Ok(slot)
+    }
+
+    fn remove(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        let _ = epoll::ctl(
+            self.epoll.as_raw_fd(),
+            epoll::ControlOptions::EPOLL_CTL_DEL,
+            conn.stream.as_raw_fd(),
+            epoll::Event::new(epoll::Events::empty(), 0),
+        );
+        if self.by_key.get(&conn.key) == Some(&slot) {
+            self.by_key.remove(&conn.key);
+        }
+        self.free_slots.push(slot);
+        debug!("{}: removed", conn.key);
+    }
+
+    fn enqueue(&mut self, slot: usize) {
+        if let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) {
+            if !c.in_rx_queue && c.has_rx_work() {
+                c.in_rx_queue = true;
+                self.rx_queue.push_back(slot);
+            }
+        }
+    }
+
+    fn reset_conn(&mut self, slot: usize) {
+        if let Some(c) = self.conn(slot) {
+            c.reset();
+            self.stats.resets_sent += 1;
+            self.enqueue(slot);
+        }
+    }
+
+    /// Queues an RST answering `hdr`, a packet for no known connection.
+    fn orphan_rst(&mut self, hdr: &PacketHeader) {
+        if hdr.op() == OP_RST {
+            return;
+        }
+        if self.orphan_rsts.len() >= MAX_ORPHAN_RSTS {
+            warn!("RST queue full: not answering {hdr:?}");
+            return;
+        }
+        let mut rst = PacketHeader::default();
+        rst.set_src_cid(HOST_CID)
+            .set_dst_cid(self.cfg.guest_cid)
+            .set_src_port(hdr.dst_port())
+            .set_dst_port(hdr.src_port())
+            .set_type(TYPE_STREAM)
+            .set_op(OP_RST);
+        self.orphan_rsts.push_back(rst);
+        self.stats.resets_sent += 1;
+    }
+
+    /// Resets the connection a bad packet belongs to, or answers it with an
+    /// RST if it belongs to none.
+    fn reject(&mut self, hdr: &PacketHeader, why: &str) {
+        self.stats.bad_packets += 1;
+        warn!("bad packet from guest ({why}): {hdr:?}; resetting its connection");
+        let key = ConnKey::of_guest_packet(hdr);
+        match self.by_key.get(&key).copied() {
+            Some(slot) => self.reset_conn(slot),
+            None => self.orphan_rst(hdr),
+        }
+    }
+
+    /// Handles one packet the guest sent: `pkt` is the readable part of a TX
+    /// descriptor chain, header first.
+    pub fn handle_tx(&mut self, pkt: &GuestIovs<'_>) {
+        let mut raw = [0u8; HEADER_SIZE_BYTES];
+        if pkt.read_at(0, &mut raw) < HEADER_SIZE_BYTES {
+            self.stats.bad_packets += 1;
+            warn!(
+                "dropping TX buffer of {} bytes: shorter than a vsock header",
+                pkt.len()
+            );
+            return;
+        }
+        let hdr = PacketHeader::from_bytes(&raw);
+        debug!("tx {hdr:?}");
+        if hdr.src_cid() != self.cfg.guest_cid || hdr.dst_cid() != HOST_CID {
+            self.stats.bad_packets += 1;
+            warn!(
+                "dropping packet with bad addresses (guest CID is {}): {hdr:?}",
+                self.cfg.guest_cid
+            );
+            return;
+        }
+        let payload = pkt.len() - HEADER_SIZE_BYTES;
+        if hdr.type_() != TYPE_STREAM {
+            return self.reject(&hdr, "unsupported socket type");
+        }
+        let len = hdr.len() as usize;
+        if hdr.op() == OP_RW {
+            if len != payload {
+                return self.reject(&hdr, &format!("header len {len}, buffer holds {payload}"));
+            }
+        } else if len != 0 || payload != 0 {
+            return self.reject(&hdr, "control packet with payload");
+        }
+        let key = ConnKey::of_guest_packet(&hdr);
+        let Some(slot) = self.by_key.get(&key).copied() else {
+            return match hdr.op() {
+                OP_REQUEST => self.guest_connect(&hdr, key),
+                OP_RST => {}
+                OP_RESPONSE | OP_RW | OP_SHUTDOWN | OP_CREDIT_UPDATE | OP_CREDIT_REQUEST => {
+                    debug!("{key}: {} for no connection: RST", op_name(hdr.op()));
+                    self.orphan_rst(&hdr);
+                }
+                _ => self.reject(&hdr, "unknown op"),
+            };
+        };
+        self.handle_conn_packet(slot, &hdr, pkt, len);
+        self.enqueue(slot);
+    }
+
+    fn handle_conn_packet(&mut self, slot: usize, hdr: &PacketHeader, pkt: &GuestIovs<'_>, len: usize) {
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if hdr.op() == OP_RST {
+            debug!("{}: guest RST", conn.key);
+            return self.remove(slot);
+        }
+        if conn.is_closing() {
+            return;
+        }
+        conn.update_peer_credit(hdr);
+        let established = matches!(conn.state, State::Established);
+        let result = match hdr.op() {
+            OP_RESPONSE if matches!(conn.state, State::LocalInit) => conn.establish().map(|()| {
+                debug!("{}: established (host-initiated)", conn.key);
+            }),
+            OP_RW if established => {
+                let scratch = &mut self.scratch;
+                conn.on_rw(pkt, len, scratch)
+            }
+            OP_SHUTDOWN if established => {
+                conn.on_shutdown(hdr.flags());
+                Ok(())
+            }
+            OP_CREDIT_UPDATE => Ok(()),
+            OP_CREDIT_REQUEST => {
+                conn.owe(owe::CREDIT_UPDATE);
+                Ok(())
+            }
+            OP_REQUEST | OP_RESPONSE | OP_RW | OP_SHUTDOWN => {
+                let state = format!("{:?}", conn.state);
+                return self.reject(hdr, &format!("unexpected in state {state}"));
+            }
+            _ => return self.reject(hdr, "unknown op"),
+        };
+        if let Err(e) = result {
+            warn!("{}: resetting connection: {e}", conn.key);
+            self.reset_conn(slot);
+        }
+    }
+
+    /// The guest connects to host port `key.local_port`.
+    fn guest_connect(&mut self, hdr: &PacketHeader, key: ConnKey) {
+        let stream = match self.host.connect(key.local_port) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!("{key}: no host service for port {}: {e}: RST", key.local_port);
+                return self.orphan_rst(hdr);
+            }
+        };
+        let conn = Connection::new_guest_initiated(stream, key, hdr, self.cfg.buf_alloc);
+        match self.insert(conn) {
+            Ok(slot) => {
+                self.by_key.insert(key, slot);
+                debug!("{key}: established (guest-initiated)");
+                self.enqueue(slot);
+            }
+            Err(e) => {
+                warn!("{key}: cannot poll the host stream: {e}: RST");
+                self.orphan_rst(hdr);
+            }
+        }
+    }
+
+    /// Fills one RX buffer; returns the bytes written, or `None` when there
+    /// is nothing to send (the caller gives the buffer back to the ring).
+    /// Buffers shorter than a header are refused with `None` too.
+    pub fn fill_rx(&mut self, buf: &GuestIovs<'_>) -> Option<usize> {
+        if buf.len() < HEADER_SIZE_BYTES {
+            return None;
+        }
+        if let Some(rst) = self.orphan_rsts.pop_front() {
+            debug!("rx {rst:?}");
+            buf.write_at(0, rst.as_slice());
+            return Some(HEADER_SIZE_BYTES);
+        }
+        while let Some(slot) = self.rx_queue.pop_front() {
+            let guest_cid = self.cfg.guest_cid;
+            let scratch = &mut self.scratch;
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if !conn.in_rx_queue {
+                continue;
+            }
+            conn.in_rx_queue = false;
+            let Some(fill) = conn.fill_rx(guest_cid, buf, scratch) else {
+                continue;
+            };
+            if fill.close {
+                self.remove(slot);
+            } else {
+                self.enqueue(slot);
+            }
+            return Some(fill.len);
+        }
+        None
+    }
+
+    /// Handles everything ready on the host side, without blocking.
+    pub fn process_host_events(&mut self) {
+        loop {
+            let n = match epoll::wait(self.epoll.as_raw_fd(), 0, &mut self.events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("host epoll wait failed: {e}");
+                    return;
+                }
+            };
+            for i in 0..n {
+                let ev = self.events[i];
+                let flags = epoll::Events::from_bits_truncate(ev.events);
+                if ev.data == LISTENER_TOKEN {
+                    self.accept_host_clients();
+                } else {
+                    self.on_host_event(ev.data as usize, flags);
+                }
+            }
+            if n < self.events.len() {
+                return;
+            }
+        }
+    }
+
+    fn accept_host_clients(&mut self) {
+        loop {
+            match self.host.accept() {
+                Ok(Some(stream)) => {
+                    let conn = Connection::new_host_client(stream, self.cfg.buf_alloc);
+                    if let Err(e) = self.insert(conn) {
+                        warn!("cannot poll a new host client, closing it: {e}");
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    warn!("accepting a host client failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_host_event(&mut self, slot: usize, flags: epoll::Events) {
+        use epoll::Events as E;
+        let Some(conn) = self.conn(slot) else {
+            return;
+        };
+        let readable = flags.intersects(E::EPOLLIN | E::EPOLLRDHUP | E::EPOLLHUP | E::EPOLLERR);
+        if flags.intersects(E::EPOLLRDHUP | E::EPOLLHUP) {
+            conn.host_rdhup = true;
+        }
+        if flags.contains(E::EPOLLHUP) {
+            conn.host_hup = true;
+        }
+        if matches!(conn.state, State::AwaitLine(_)) {
+            if readable {
+                self.read_connect_line(slot);
+            }
+            return;
+        }
+        if readable {
+            conn.host_readable = true;
+        }
+        if flags.intersects(E::EPOLLOUT | E::EPOLLERR) && !conn.is_closing() {
+            if let Err(e) = conn.on_host_writable() {
+                warn!("{}: resetting connection: {e}", conn.key);
+                self.reset_conn(slot);
+            }
+        }
+        self.enqueue(slot);
+    }
+
+    /// Reads what a host client sent of its `CONNECT <port>` line.
+    fn read_connect_line(&mut self, slot: usize) {
+        let mut buf = [0u8; MAX_LINE_BYTES];
+        loop {
+            let Some(conn) = self.conn(slot) else { return };
+            let State::AwaitLine(parser) = &mut conn.state else {
+                return;
+            };
+            let n = match read_fd(conn.stream.as_raw_fd(), &mut buf) {
+                Ok(0) => {
+                    debug!("host client left before its CONNECT line");
+                    return self.remove(slot);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    debug!("host client read failed: {e}");
+                    return self.remove(slot);
+                }
+            };
+            match parser.feed(&buf[..n]) {
+                Ok(None) => continue,
+                Ok(Some((port, used))) => {
+                    let prefix = buf[used..n].to_vec();
+                    return self.start_host_connect(slot, port, prefix);
+                }
+                Err(e @ (LineError::TooLong | LineError::Malformed(_))) => {
+                    warn!("closing host client: {e}");
+                    return self.remove(slot);
+                }
+            }
+        }
+    }
+
+    fn start_host_connect(&mut self, slot: usize, port: u32, prefix: Vec<u8>) {
+        let local_port = self.alloc_local_port(port);
+        let key = ConnKey {
+            local_port,
+            peer_port: port,
+        };
+        let Some(conn) = self.conn(slot) else { return };
+        conn.start_local_init(key, prefix);
+        self.by_key.insert(key, slot);
+        debug!("{key}: host client connects to guest port {port}");
+        self.enqueue(slot);
+    }
+
+    fn alloc_local_port(&mut self, peer_port: u32) -> u32 {
+        loop {
+            let p = self.next_local_port;
+            self.next_local_port = if p == u32::MAX - 1 {
+                FIRST_LOCAL_PORT
+            } else {
+                p + 1
+            };
+            let key = ConnKey {
+                local_port: p,
+                peer_port,
+            };
+            if !self.by_key.contains_key(&key) {
+                return p;
+            }
+        }
+    }
+}
