@@ -19,7 +19,7 @@ use log::{info, warn};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::error::BackendError;
-use crate::handler::{kick_token, DeviceConfig, VsockDevice, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+use crate::handler::{kick_token, DeviceConfig, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::unix_host::UnixHost;
 use vsockd_device::{Muxer, MuxerConfig};
 
@@ -71,7 +71,11 @@ impl EventLoop {
         info!("frontend connected: session starts");
         let fd = stream.as_raw_fd();
         self.frontend = Some(BackendReqHandler::from_stream(stream, self.device.clone()));
-        self.ctl(epoll::ControlOptions::EPOLL_CTL_DEL, self.listener.as_raw_fd(), LISTENER_TOKEN)?;
+        self.ctl(
+            epoll::ControlOptions::EPOLL_CTL_DEL,
+            self.listener.as_raw_fd(),
+            LISTENER_TOKEN,
+        )?;
         self.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, fd, FRONTEND_TOKEN)
     }
 
@@ -86,7 +90,11 @@ impl EventLoop {
         }
         lock(&self.device).end_session();
         info!("session ended; waiting for the next frontend");
-        self.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, self.listener.as_raw_fd(), LISTENER_TOKEN)
+        self.ctl(
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            self.listener.as_raw_fd(),
+            LISTENER_TOKEN,
+        )
     }
 
     fn frontend_request(&mut self) -> Result<(), BackendError> {
@@ -151,14 +159,21 @@ pub fn serve(listener: UnixListener, host: UnixHost, cfg: ServeConfig) -> Result
     )?;
     let muxer_fd = muxer.epoll_fd();
     let device = VsockDevice::new(cfg.device, epoll.as_raw_fd(), muxer);
+    // The vhost crate's handler takes an `Arc`; the device never leaves this
+    // thread (its chains hold raw pointers into guest memory).
+    #[allow(clippy::arc_with_non_send_sync)]
+    let device = Arc::new(Mutex::new(device));
     let mut el = EventLoop {
         epoll,
         listener,
-        device: Arc::new(Mutex::new(device)),
+        device,
         frontend: None,
     };
-    el.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, el.listener.as_raw_fd(), LISTENER_TOKEN)?;
+    el.ctl(
+        epoll::ControlOptions::EPOLL_CTL_ADD,
+        el.listener.as_raw_fd(),
+        LISTENER_TOKEN,
+    )?;
     el.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, muxer_fd, MUXER_TOKEN)?;
-    let _ = NUM_QUEUES;
     el.run()
 }

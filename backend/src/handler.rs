@@ -24,14 +24,13 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
-    VhostUserInflight, VhostUserLog, VhostUserMemoryRegion,
-    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
-    VhostUserSingleMemoryRegion, VhostUserVirtioFeatures, VhostUserVringAddrFlags,
-    VhostUserVringState,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
 };
-use vhost::vhost_user::{Error as VhostError, GpuBackend, Result as VhostResult};
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+use vhost::vhost_user::{Error as VhostError, GpuBackend, Result as VhostResult};
 use vhost::VhostUserMemoryRegionBase;
 use vsockd_device::packet::HEADER_SIZE_BYTES;
 use vsockd_device::{GuestIovs, Muxer};
@@ -143,7 +142,9 @@ impl VsockDevice {
         if q < NUM_QUEUES {
             Ok(q)
         } else {
-            Err(invalid(format!("queue index {index} (the device has {NUM_QUEUES})")))
+            Err(invalid(format!(
+                "queue index {index} (the device has {NUM_QUEUES})"
+            )))
         }
     }
 
@@ -233,7 +234,10 @@ impl VsockDevice {
             // SAFETY: writes 8 bytes from a local buffer to an eventfd.
             let rc = unsafe { libc::write(call.as_raw_fd(), one.as_ptr().cast(), one.len()) };
             if rc < 0 {
-                warn!("queue {q}: call eventfd write failed: {}", io::Error::last_os_error());
+                warn!(
+                    "queue {q}: call eventfd write failed: {}",
+                    io::Error::last_os_error()
+                );
             }
         }
     }
@@ -449,7 +453,9 @@ impl VhostUserBackendReqHandlerMut for VsockDevice {
         let base = u16::try_from(base).map_err(|_| invalid(format!("queue {q} base {base}")))?;
         if let Some(prev) = self.vrings[q].stopped_at.take() {
             if prev != base && q != EVENT_QUEUE {
-                info!("queue {q} restarts at {base}, stopped at {prev}: the driver reset the device");
+                info!(
+                    "queue {q} restarts at {base}, stopped at {prev}: the driver reset the device"
+                );
                 self.muxer.reset();
             }
         }
@@ -473,7 +479,9 @@ impl VhostUserBackendReqHandlerMut for VsockDevice {
         let q = self.queue(u32::from(index))?;
         self.stop_ring(q);
         let Some(fd) = fd else {
-            return Err(invalid(format!("queue {q}: polling mode (no kick fd) is not supported")));
+            return Err(invalid(format!(
+                "queue {q}: polling mode (no kick fd) is not supported"
+            )));
         };
         self.vrings[q].kick = Some(fd);
         self.vrings[q].stopped_at = None;
@@ -538,7 +546,10 @@ impl VhostUserBackendReqHandlerMut for VsockDevice {
         Err(unsupported("GET_SHARED_OBJECT"))
     }
 
-    fn get_inflight_fd(&mut self, _i: &VhostUserInflight) -> VhostResult<(VhostUserInflight, File)> {
+    fn get_inflight_fd(
+        &mut self,
+        _i: &VhostUserInflight,
+    ) -> VhostResult<(VhostUserInflight, File)> {
         Err(unsupported("GET_INFLIGHT_FD"))
     }
 

@@ -58,7 +58,10 @@ pub fn adopt_fd(fd: RawFd) -> Result<UnixListener, BackendError> {
         return Err(bad(io::Error::last_os_error()));
     }
     if val == 0 {
-        return Err(bad(io::Error::new(io::ErrorKind::InvalidInput, "not listening")));
+        return Err(bad(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not listening",
+        )));
     }
     let mut domain: libc::c_int = 0;
     // SAFETY: as above.
@@ -72,7 +75,10 @@ pub fn adopt_fd(fd: RawFd) -> Result<UnixListener, BackendError> {
         )
     };
     if rc < 0 || domain != libc::AF_UNIX {
-        return Err(bad(io::Error::new(io::ErrorKind::InvalidInput, "not a Unix socket")));
+        return Err(bad(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a Unix socket",
+        )));
     }
     // SAFETY: the descriptor was inherited for us to own, and it is a
     // listening Unix socket as checked above.

@@ -78,9 +78,10 @@ fn run(args: &Args) -> Result<(), BackendError> {
         "vsockd {} serving guest CID {} ({}), host socket {}",
         env!("CARGO_PKG_VERSION"),
         args.guest_cid,
-        args.socket_path
-            .as_ref()
-            .map_or_else(|| format!("fd {}", args.fd.unwrap_or(-1)), |p| p.display().to_string()),
+        args.socket_path.as_ref().map_or_else(
+            || format!("fd {}", args.fd.unwrap_or(-1)),
+            |p| p.display().to_string()
+        ),
         host.uds_path().display()
     );
     serve(

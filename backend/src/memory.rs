@@ -35,7 +35,8 @@ impl MemoryTable {
         let mut regions = Vec::with_capacity(specs.len());
         let mut mapped = Vec::with_capacity(specs.len());
         for s in specs {
-            let size = usize::try_from(s.size).map_err(|_| format!("region size {} too large", s.size))?;
+            let size =
+                usize::try_from(s.size).map_err(|_| format!("region size {} too large", s.size))?;
             let mapping = MmapRegion::<()>::build(
                 Some(FileOffset::new(s.file, s.mmap_offset)),
                 size,
@@ -57,8 +58,9 @@ impl MemoryTable {
                 user_addr: s.user_addr,
             });
         }
-        mapped.sort_by_key(|r| vm_memory::GuestMemoryRegion::start_addr(r));
-        let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| format!("bad memory table: {e}"))?;
+        mapped.sort_by_key(vm_memory::GuestMemoryRegion::start_addr);
+        let mem =
+            GuestMemoryMmap::from_regions(mapped).map_err(|e| format!("bad memory table: {e}"))?;
         Ok(MemoryTable { mem, regions })
     }
 

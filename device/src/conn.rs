@@ -158,7 +158,12 @@ impl<S: HostStream> Connection<S> {
     }
 
     /// A guest connect that reached a host service: owes RESPONSE.
-    pub fn new_guest_initiated(stream: S, key: ConnKey, hdr: &PacketHeader, buf_alloc: u32) -> Self {
+    pub fn new_guest_initiated(
+        stream: S,
+        key: ConnKey,
+        hdr: &PacketHeader,
+        buf_alloc: u32,
+    ) -> Self {
         let mut c = Self::new(stream, State::Established, key, buf_alloc);
         c.update_peer_credit(hdr);
         c.owed = owe::RESPONSE;

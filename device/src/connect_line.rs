@@ -113,10 +113,7 @@ mod tests {
     #[test]
     fn max_port() {
         let mut p = LineParser::default();
-        assert_eq!(
-            p.feed(b"CONNECT 4294967295\n"),
-            Ok(Some((u32::MAX, 19)))
-        );
+        assert_eq!(p.feed(b"CONNECT 4294967295\n"), Ok(Some((u32::MAX, 19))));
     }
 
     #[test]

@@ -88,7 +88,12 @@ impl<'a> GuestIovs<'a> {
 
     /// Fills `out` with iovecs covering `[offset, offset + len)` (clipped to
     /// what exists) and returns the window over them.
-    pub fn window<'w>(&self, offset: usize, len: usize, out: &'w mut Vec<libc::iovec>) -> IovWindow<'w>
+    pub fn window<'w>(
+        &self,
+        offset: usize,
+        len: usize,
+        out: &'w mut Vec<libc::iovec>,
+    ) -> IovWindow<'w>
     where
         'a: 'w,
     {
@@ -101,7 +106,10 @@ impl<'a> GuestIovs<'a> {
             });
             total += s.len();
         });
-        IovWindow { iovs: out, len: total }
+        IovWindow {
+            iovs: out,
+            len: total,
+        }
     }
 }
 
@@ -169,7 +177,9 @@ pub fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 /// semantics provided by the process ignoring SIGPIPE.
 pub fn write_fd(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {
     let iovs: [libc::iovec; 2] = std::array::from_fn(|i| libc::iovec {
-        iov_base: bufs.get(i).map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut _),
+        iov_base: bufs
+            .get(i)
+            .map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut _),
         iov_len: bufs.get(i).map_or(0, |b| b.len()),
     });
     let count = bufs.len().min(2) as libc::c_int;

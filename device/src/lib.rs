@@ -54,3 +54,6 @@ impl fmt::Display for ConnKey {
         write!(f, "conn(host:{} guest:{})", self.local_port, self.peer_port)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -289,7 +289,13 @@ impl<H: Host> Muxer<H> {
         self.enqueue(slot);
     }
 
-    fn handle_conn_packet(&mut self, slot: usize, hdr: &PacketHeader, pkt: &GuestIovs<'_>, len: usize) {
+    fn handle_conn_packet(
+        &mut self,
+        slot: usize,
+        hdr: &PacketHeader,
+        pkt: &GuestIovs<'_>,
+        len: usize,
+    ) {
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
@@ -336,7 +342,10 @@ impl<H: Host> Muxer<H> {
         let stream = match self.host.connect(key.local_port) {
             Ok(s) => s,
             Err(e) => {
-                debug!("{key}: no host service for port {}: {e}: RST", key.local_port);
+                debug!(
+                    "{key}: no host service for port {}: {e}: RST",
+                    key.local_port
+                );
                 return self.orphan_rst(hdr);
             }
         };
@@ -420,8 +429,10 @@ impl<H: Host> Muxer<H> {
             match self.host.accept() {
                 Ok(Some(stream)) => {
                     let conn = Connection::new_host_client(stream, self.cfg.buf_alloc);
-                    if let Err(e) = self.insert(conn) {
-                        warn!("cannot poll a new host client, closing it: {e}");
+                    match self.insert(conn) {
+                        // Its line may already be there.
+                        Ok(slot) => self.read_connect_line(slot),
+                        Err(e) => warn!("cannot poll a new host client, closing it: {e}"),
                     }
                 }
                 Ok(None) => return,

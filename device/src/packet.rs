@@ -69,6 +69,7 @@ macro_rules! accessors {
     )*};
 }
 
+#[allow(clippy::len_without_is_empty)] // `len` is the wire field's name.
 impl PacketHeader {
     accessors! {
         src_cid, set_src_cid: u64;

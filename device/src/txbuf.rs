@@ -35,6 +35,7 @@ impl TxBuf {
     }
 
     /// Bytes held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }

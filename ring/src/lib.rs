@@ -23,3 +23,6 @@ pub use split::{RingAddresses, SplitRing};
 
 /// The guest memory type the rings work on.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+
+#[cfg(test)]
+mod tests;

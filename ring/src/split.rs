@@ -92,7 +92,12 @@ impl SplitRing {
         let qs = u64::from(size);
         let parts = [
             ("descriptor table", addrs.desc, 16, qs * 16),
-            ("available ring", addrs.avail, 2, RING_HEADER_BYTES + qs * 2 + 2),
+            (
+                "available ring",
+                addrs.avail,
+                2,
+                RING_HEADER_BYTES + qs * 2 + 2,
+            ),
             ("used ring", addrs.used, 4, RING_HEADER_BYTES + qs * 8 + 2),
         ];
         for (part, addr, align, len) in parts {
@@ -173,7 +178,12 @@ impl SplitRing {
                 kind: crate::ChainErrorKind::IndexOutOfRange(head),
             })));
         }
-        Ok(Some(chain.walk(mem, GuestAddress(self.addrs.desc), self.size, head)))
+        Ok(Some(chain.walk(
+            mem,
+            GuestAddress(self.addrs.desc),
+            self.size,
+            head,
+        )))
     }
 
     /// Gives back the chain popped last, so the next pop returns it again.
@@ -227,7 +237,8 @@ impl SplitRing {
         // suppression state (virtio 1.2, 2.7.10).
         fence(Ordering::SeqCst);
         if self.event_idx {
-            let addr = self.addrs.avail + RING_HEADER_BYTES + u64::from(self.size) * AVAIL_ELEM_BYTES;
+            let addr =
+                self.addrs.avail + RING_HEADER_BYTES + u64::from(self.size) * AVAIL_ELEM_BYTES;
             let used_event: u16 = mem.load(GuestAddress(addr), Ordering::Relaxed)?;
             let used_event = Wrapping(u16::from_le(used_event));
             // vring_need_event(): notify if used_event lies in [old, new).
@@ -244,7 +255,11 @@ impl SplitRing {
     pub fn enable_notification(&mut self, mem: &GuestMemory) -> Result<bool, RingError> {
         if self.event_idx {
             let addr = self.addrs.used + RING_HEADER_BYTES + u64::from(self.size) * USED_ELEM_BYTES;
-            mem.store(self.next_avail.0.to_le(), GuestAddress(addr), Ordering::Relaxed)?;
+            mem.store(
+                self.next_avail.0.to_le(),
+                GuestAddress(addr),
+                Ordering::Relaxed,
+            )?;
         } else {
             mem.store(0u16, GuestAddress(self.addrs.used), Ordering::Relaxed)?;
         }
