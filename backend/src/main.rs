@@ -11,7 +11,7 @@ mod unix_host;
 use std::process::ExitCode;
 
 use clap::Parser;
-use log::{error, info};
+use log::info;
 
 use crate::cli::Args;
 use crate::error::BackendError;
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e}");
+            // One line on stderr, whether or not logging goes there too.
             eprintln!("vsockd: {e}");
             ExitCode::from(EXIT_FAILURE)
         }

@@ -1,0 +1,251 @@
+//! Starting a vhost-user vsock backend for a test: vsockd itself or the
+//! peer implementation (vhost-device-vsock), chosen with
+//! `VSOCKD_E2E_BACKEND=vsockd|peer`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{file_tail, Context, Error, Result};
+use crate::image::target_dir;
+
+/// Which backend implementation to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// This project's `vsockd`.
+    Vsockd,
+    /// vhost-device-vsock, the reference implementation.
+    Peer,
+}
+
+impl BackendKind {
+    /// From `VSOCKD_E2E_BACKEND` (default: vsockd).
+    pub fn from_env() -> Result<BackendKind> {
+        match std::env::var("VSOCKD_E2E_BACKEND").as_deref() {
+            Err(_) | Ok("") | Ok("vsockd") => Ok(BackendKind::Vsockd),
+            Ok("peer") => Ok(BackendKind::Peer),
+            Ok(other) => Err(Error::new(format!(
+                "VSOCKD_E2E_BACKEND={other:?}: expected vsockd or peer"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Vsockd => "vsockd",
+            BackendKind::Peer => "peer",
+        }
+    }
+
+    /// The binary: `$VSOCKD_BIN` or `<target>/release/vsockd`;
+    /// `$VSOCKD_PEER_BIN` or vhost-device-vsock on PATH or in
+    /// /work/peer/bin.
+    pub fn binary(self) -> PathBuf {
+        match self {
+            BackendKind::Vsockd => std::env::var_os("VSOCKD_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| target_dir().join("release").join("vsockd")),
+            BackendKind::Peer => std::env::var_os("VSOCKD_PEER_BIN")
+                .map(PathBuf::from)
+                .or_else(|| which("vhost-device-vsock"))
+                .unwrap_or_else(|| PathBuf::from("/work/peer/bin/vhost-device-vsock")),
+        }
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A running backend; killed on drop.
+pub struct Backend {
+    kind: BackendKind,
+    child: Option<Child>,
+    socket: PathBuf,
+    uds: PathBuf,
+    log: PathBuf,
+    cid: u32,
+}
+
+impl Backend {
+    /// Starts the backend chosen by `VSOCKD_E2E_BACKEND` in `dir`, with
+    /// its vhost-user socket at `dir/vhost.sock` and its hybrid socket at
+    /// `dir/vsock.sock`.
+    pub fn start(dir: &Path, cid: u32) -> Result<Backend> {
+        Backend::start_kind(BackendKind::from_env()?, dir, cid)
+    }
+
+    /// Starts a given backend kind in `dir`.
+    pub fn start_kind(kind: BackendKind, dir: &Path, cid: u32) -> Result<Backend> {
+        Backend::start_at(
+            kind,
+            &dir.join("vhost.sock"),
+            &dir.join("vsock.sock"),
+            &dir.join(format!("{}.log", kind.name())),
+            cid,
+        )
+    }
+
+    /// Starts a backend with explicit paths; returns once its vhost-user
+    /// socket exists.
+    pub fn start_at(
+        kind: BackendKind,
+        socket: &Path,
+        uds: &Path,
+        log: &Path,
+        cid: u32,
+    ) -> Result<Backend> {
+        let bin = kind.binary();
+        if !bin.is_file() {
+            return Err(Error::new(format!(
+                "{} backend binary {} not found{}",
+                kind.name(),
+                bin.display(),
+                match kind {
+                    BackendKind::Vsockd => " (run `cargo build --release`, or set VSOCKD_BIN)",
+                    BackendKind::Peer => " (set VSOCKD_PEER_BIN)",
+                }
+            )));
+        }
+        let _ = std::fs::remove_file(socket);
+        let logf =
+            std::fs::File::create(log).context(|| format!("cannot create {}", log.display()))?;
+        let mut cmd = Command::new(&bin);
+        match kind {
+            BackendKind::Vsockd => {
+                let level =
+                    std::env::var("VSOCKD_E2E_LOG_LEVEL").unwrap_or_else(|_| "debug".to_string());
+                cmd.arg("--socket-path")
+                    .arg(socket)
+                    .arg("--guest-cid")
+                    .arg(cid.to_string())
+                    .arg("--uds-path")
+                    .arg(uds)
+                    .arg("--log-level")
+                    .arg(level);
+            }
+            BackendKind::Peer => {
+                cmd.arg("--vm").arg(format!(
+                    "guest-cid={cid},socket={},uds-path={}",
+                    socket.display(),
+                    uds.display()
+                ));
+                if std::env::var_os("RUST_LOG").is_none() {
+                    cmd.env(
+                        "RUST_LOG",
+                        std::env::var("VSOCKD_E2E_PEER_LOG").unwrap_or_else(|_| "debug".into()),
+                    );
+                }
+            }
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .spawn()
+            .context(|| format!("cannot start {}", bin.display()))?;
+        let mut b = Backend {
+            kind,
+            child: Some(child),
+            socket: socket.to_path_buf(),
+            uds: uds.to_path_buf(),
+            log: log.to_path_buf(),
+            cid,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !b.socket.exists() {
+            if let Some(st) = b.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Err(b.attach(Error::new(format!(
+                    "{} exited ({st}) before creating {}",
+                    kind.name(),
+                    b.socket.display()
+                ))));
+            }
+            if Instant::now() > deadline {
+                return Err(b.attach(Error::new(format!(
+                    "{} did not create {} within 20 s",
+                    kind.name(),
+                    b.socket.display()
+                ))));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(b)
+    }
+
+    /// Attaches the backend's log tail to an error.
+    pub fn attach(&self, e: Error) -> Error {
+        e.with_context(
+            &format!("{} log (tail)", self.kind.name()),
+            &file_tail(&self.log, 30),
+        )
+    }
+
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    /// The vhost-user socket (for the VMM).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The hybrid vsock Unix socket (for host clients).
+    pub fn uds(&self) -> &Path {
+        &self.uds
+    }
+
+    pub fn cid(&self) -> u32 {
+        self.cid
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        file_tail(&self.log, lines)
+    }
+
+    /// Whether the process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Stops the backend: SIGTERM, then SIGKILL after a second.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child process by its pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("{} log kept at {}", self.kind.name(), self.log.display());
+        }
+    }
+}

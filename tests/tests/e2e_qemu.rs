@@ -1,0 +1,641 @@
+//! End-to-end tests: a real Linux guest under QEMU (TCG) with a
+//! vhost-user-vsock-pci device served by the backend under test
+//! (`VSOCKD_E2E_BACKEND=vsockd|peer`, default vsockd).
+//!
+//! Every test checks content: streams are generated from a seed and the
+//! receiving side verifies each byte at its offset (see `pattern`).
+//! Guest CID is 3; the guest reaches the host at CID 2; host ports are the
+//! hybrid socket `<uds>` (CONNECT) and `<uds>_<port>` (listeners).
+//!
+//! `VSOCKD_E2E_KEEP=1` keeps each test's directory (backend log, console
+//! log); `VSOCKD_E2E_TRACE=1` also records every vhost-user message there.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vsockd_tests::hybrid::{
+    hybrid_connect, read_ok_line, read_verified, read_verified_at, run_on_stream, write_verified,
+    write_verified_at, HostListener,
+};
+use vsockd_tests::pattern::{self, reply_seed};
+use vsockd_tests::qemu::{temp_dir, CmdOutput, GuestJob};
+use vsockd_tests::stream::{parse_results, Mode};
+use vsockd_tests::trace::Proxy;
+use vsockd_tests::{Backend, Error, GuestImage, Vm, VmConfig};
+
+const CID: u32 = 3;
+const MIB: u64 = 1 << 20;
+/// Limit for any single wait in these tests.
+const T: Duration = Duration::from_secs(90);
+/// `--timeout` given to every guest probe (its own reads and writes).
+const PROBE_TIMEOUT: u64 = 60;
+
+/// One backend, one guest, one directory.
+struct Rig {
+    name: String,
+    dir: PathBuf,
+    // Field order: the VM goes before the backend.
+    vm: Option<Vm>,
+    backend: Backend,
+    boots: u32,
+    /// The vhost-user tracing proxy, with `VSOCKD_E2E_TRACE=1`.
+    trace: Option<Proxy>,
+}
+
+impl Rig {
+    fn new(name: &str) -> Rig {
+        let image = GuestImage::get().unwrap_or_else(|e| panic!("guest image: {e}"));
+        let dir = temp_dir(name).unwrap_or_else(|e| panic!("{e}"));
+        let backend = Backend::start(&dir, CID).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut rig = Rig {
+            name: name.to_string(),
+            dir,
+            vm: None,
+            backend,
+            boots: 0,
+            trace: None,
+        };
+        if std::env::var_os("VSOCKD_E2E_TRACE").is_some_and(|v| v != "0") {
+            let p = Proxy::start(
+                &rig.dir.join("trace.sock"),
+                rig.backend.socket(),
+                &rig.dir.join("vhost-user.trace"),
+            );
+            rig.trace = Some(rig.ok(p, "starting the vhost-user trace proxy"));
+        }
+        rig.boot(image);
+        rig
+    }
+
+    fn boot(&mut self, image: &GuestImage) {
+        let sock = match &self.trace {
+            Some(p) => p.socket(),
+            None => self.backend.socket(),
+        };
+        let mut cfg = VmConfig::new(sock);
+        self.boots += 1;
+        cfg.work_dir = Some(self.dir.join(format!("vm{}", self.boots)));
+        let vm = Vm::boot(image, &cfg)
+            .map_err(|e| self.backend.attach(e))
+            .unwrap_or_else(|e| panic!("{}: boot with {}: {e}", self.name, self.kind()));
+        eprintln!(
+            "{}: guest booted in {:.1} s ({})",
+            self.name,
+            vm.boot_time().as_secs_f64(),
+            vm.ready_line()
+        );
+        self.vm = Some(vm);
+    }
+
+    fn kind(&self) -> &'static str {
+        self.backend.kind().name()
+    }
+
+    fn vm(&self) -> &Vm {
+        self.vm.as_ref().expect("no VM")
+    }
+
+    fn uds(&self) -> &Path {
+        self.backend.uds()
+    }
+
+    /// Fails the test with the backend's and the guest's logs attached.
+    fn fail(&self, msg: impl std::fmt::Display) -> ! {
+        let mut e = Error::new(format!("{} [backend {}]: {msg}", self.name, self.kind()));
+        if let Some(vm) = &self.vm {
+            e = e.with_context("guest console (tail)", &vm.console_tail(30));
+        }
+        panic!("{:?}", self.backend.attach(e))
+    }
+
+    fn ok<V, E: std::fmt::Display>(&self, r: Result<V, E>, what: &str) -> V {
+        r.unwrap_or_else(|e| self.fail(format!("{what}: {e}")))
+    }
+
+    /// Starts `vsock-probe ARGS` in the background in the guest.
+    fn probe(&self, args: &str) -> GuestJob {
+        let cmd = format!("vsock-probe --timeout {PROBE_TIMEOUT} {args}");
+        self.ok(self.vm().spawn(&cmd), &format!("starting {cmd:?}"))
+    }
+
+    /// Starts a listening probe and waits until it listens.
+    fn probe_listen(&self, args: &str) -> GuestJob {
+        let job = self.probe(&format!("listen {args}"));
+        self.ok(
+            job.wait_for_output("LISTENING", T),
+            &format!("guest listener {args:?}"),
+        );
+        job
+    }
+
+    /// Waits for a probe and checks that it exited 0 with every RESULT ok.
+    fn probe_ok(&self, job: &GuestJob, what: &str) -> CmdOutput {
+        let out = self.ok(job.wait(T), what);
+        let results = parse_results(&out.output);
+        let all_ok = results
+            .iter()
+            .filter(|r| r.kind == "RESULT")
+            .all(|r| r.ok());
+        if out.status != 0 || results.is_empty() || !all_ok {
+            self.fail(format!(
+                "{what}: guest probe `{}` failed (exit {}):\n{}",
+                job.command(),
+                out.status,
+                out.output
+            ));
+        }
+        out
+    }
+
+    fn accept(&self, l: &HostListener, what: &str) -> UnixStream {
+        let s = self.ok(l.accept_timeout(T), what);
+        s.set_read_timeout(Some(T)).unwrap();
+        s.set_write_timeout(Some(T)).unwrap();
+        s
+    }
+
+    fn connect(&self, port: u32) -> UnixStream {
+        let (s, _) = self.ok(
+            hybrid_connect(self.uds(), port),
+            &format!("hybrid CONNECT {port}"),
+        );
+        s.set_read_timeout(Some(T)).unwrap();
+        s.set_write_timeout(Some(T)).unwrap();
+        s
+    }
+
+    /// The guest's vsock virtio device, e.g. `virtio1`.
+    fn vsock_device(&self) -> String {
+        let out = self.ok(
+            self.vm()
+                .sh("ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/ | grep '^virtio'"),
+            "listing the vsock driver's devices",
+        );
+        let dev = out.output.trim().to_string();
+        if !out.success() || dev.is_empty() {
+            self.fail(format!(
+                "no device bound to vmw_vsock_virtio_transport: {out:?}"
+            ));
+        }
+        dev
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            drop(vm);
+        }
+        if !thread::panicking() && !vsockd_tests::qemu::keep_files() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("{}: files kept in {}", self.name, self.dir.display());
+        }
+    }
+}
+
+/// Reads exactly `bytes` of stream `seed` from `s` and checks them.
+fn expect_stream(rig: &Rig, s: &UnixStream, seed: u64, bytes: u64, what: &str) {
+    let r = rig.ok(read_verified(s, seed, Some(bytes)), what);
+    if r.received != bytes || r.first_bad.is_some() {
+        rig.fail(format!(
+            "{what}: received {} of {bytes} bytes, first bad offset {:?}",
+            r.received, r.first_bad
+        ));
+    }
+}
+
+/// Reads stream `seed` from `s` until EOF and checks it is exactly
+/// `bytes` long.
+fn expect_stream_then_eof(rig: &Rig, s: &UnixStream, seed: u64, bytes: u64, what: &str) {
+    let r = rig.ok(read_verified(s, seed, None), what);
+    if r.received != bytes || r.first_bad.is_some() || !r.eof {
+        rig.fail(format!(
+            "{what}: received {} of {bytes} bytes (eof {}), first bad offset {:?}",
+            r.received, r.eof, r.first_bad
+        ));
+    }
+}
+
+// 1. Bulk transfer, both directions, every byte verified.
+#[test]
+fn bulk_64mib_each_way() {
+    let rig = Rig::new("bulk");
+    assert_eq!(rig.vm().cid(), Some(CID), "guest CID");
+    let bytes = 64 * MIB;
+
+    // Guest to host: the guest connects to (CID 2, port 6001).
+    let l = rig.ok(HostListener::bind(rig.uds(), 6001), "bind host listener");
+    let t0 = Instant::now();
+    let job = rig.probe(&format!("connect 2 6001 sendv {bytes} 11"));
+    let s = rig.accept(&l, "guest connection to host port 6001");
+    expect_stream(&rig, &s, 11, bytes, "guest to host stream");
+    drop(s);
+    rig.probe_ok(&job, "guest to host sender");
+    eprintln!(
+        "bulk: 64 MiB guest to host in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Host to guest: CONNECT to a guest listener on port 6002.
+    let job = rig.probe_listen(&format!("6002 recvv {bytes} 12"));
+    let t0 = Instant::now();
+    let s = rig.connect(6002);
+    rig.ok(write_verified(&s, 12, bytes), "host to guest write");
+    drop(s);
+    rig.probe_ok(&job, "host to guest receiver");
+    eprintln!(
+        "bulk: 64 MiB host to guest in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+// 2. Half-close each way: after one side's shutdown(SHUT_WR) the other
+// side reads EOF, and the other direction still carries data.
+#[test]
+fn half_close_each_way() {
+    let rig = Rig::new("halfclose");
+    let bytes = MIB;
+
+    // The guest shuts down writing first.
+    let l = rig.ok(HostListener::bind(rig.uds(), 6101), "bind host listener");
+    let job = rig.probe(&format!("connect 2 6101 halfclose-writer {bytes} 21"));
+    let s = rig.accept(&l, "guest connection to host port 6101");
+    expect_stream_then_eof(
+        &rig,
+        &s,
+        21,
+        bytes,
+        "host reading the guest's stream up to EOF after the guest's SHUT_WR",
+    );
+    rig.ok(
+        write_verified(&s, reply_seed(21), bytes),
+        "host writing after the guest's SHUT_WR",
+    );
+    rig.ok(s.shutdown(Shutdown::Write), "host shutdown");
+    rig.probe_ok(&job, "guest half-close writer");
+
+    // The host shuts down writing first.
+    let job = rig.probe_listen(&format!("6102 halfclose-reader {bytes} 22"));
+    let s = rig.connect(6102);
+    let o = run_on_stream(s, &Mode::HalfcloseWriter { bytes, seed: 22 }, T);
+    if !o.ok {
+        let guest = job.wait(T).map(|o| o.output).unwrap_or_default();
+        rig.fail(format!(
+            "host half-close writer: {}\nguest said:\n{guest}",
+            o.result_line(0)
+        ));
+    }
+    rig.probe_ok(&job, "guest half-close reader");
+}
+
+// 3. A guest connect to a host port nobody listens on is refused with a
+// reset at once.
+#[test]
+fn connect_to_missing_host_listener_is_reset() {
+    let rig = Rig::new("refused");
+    let job = rig.probe("connect 2 6201 expect-error");
+    let out = rig.ok(job.wait(T), "guest connect to a port without listener");
+    let results = parse_results(&out.output);
+    let errno = results
+        .iter()
+        .find(|r| r.kind == "RESULT")
+        .and_then(|r| r.get("errno"))
+        .unwrap_or("none");
+    if errno != "ECONNRESET" {
+        rig.fail(format!(
+            "guest connect to a host port without listener: expected ECONNRESET, got {errno}:\n{}",
+            out.output
+        ));
+    }
+}
+
+// 4. Bytes the host sends before the guest calls accept() arrive.
+#[test]
+fn data_sent_before_accept_is_delivered() {
+    let rig = Rig::new("preaccept");
+    let bytes = 64 * 1024;
+    let job = rig.probe_listen(&format!("6301 --delay-accept 3000 recvv {bytes} 31"));
+    let s = rig.connect(6301);
+    rig.ok(write_verified(&s, 31, bytes), "host write before accept");
+    let out = rig.ok(job.output(), "guest output");
+    if out.contains("ACCEPTED") {
+        rig.fail("the guest accepted before the host finished writing: cannot test");
+    }
+    rig.ok(job.wait_for_output("ACCEPTED", T), "guest accept");
+    drop(s);
+    rig.probe_ok(&job, "guest receiver of bytes sent before accept");
+}
+
+// 5. The CONNECT line with stream bytes in the same write, and a CONNECT
+// line split across two writes.
+#[test]
+fn connect_line_with_payload_and_split() {
+    let rig = Rig::new("connectline");
+    let bytes = 200_000u64;
+
+    // Payload in the same write as the CONNECT line.
+    let job = rig.probe_listen(&format!("6401 recvv {bytes} 41"));
+    let mut s = rig.ok(
+        UnixStream::connect(rig.uds()),
+        "connect to the hybrid socket",
+    );
+    s.set_read_timeout(Some(T)).unwrap();
+    let head = 1000usize;
+    let mut first = b"CONNECT 6401\n".to_vec();
+    let start = first.len();
+    first.resize(start + head, 0);
+    pattern::fill(41, 0, &mut first[start..]);
+    rig.ok(s.write_all(&first), "write CONNECT line with payload");
+    rig.ok(read_ok_line(&mut s), "OK reply to CONNECT with payload");
+    rig.ok(
+        write_verified_at(&s, 41, head as u64, bytes - head as u64),
+        "write the rest of the stream",
+    );
+    drop(s);
+    rig.probe_ok(
+        &job,
+        "guest receiver (stream bytes sent in the CONNECT write)",
+    );
+
+    // CONNECT line split across two writes.
+    let job = rig.probe_listen(&format!("6402 recvv {bytes} 42"));
+    let mut s = rig.ok(
+        UnixStream::connect(rig.uds()),
+        "connect to the hybrid socket",
+    );
+    s.set_read_timeout(Some(T)).unwrap();
+    rig.ok(s.write_all(b"CONN"), "first half of CONNECT");
+    thread::sleep(Duration::from_millis(300));
+    rig.ok(s.write_all(b"ECT 6402\n"), "second half of CONNECT");
+    rig.ok(read_ok_line(&mut s), "OK reply to a split CONNECT");
+    rig.ok(write_verified(&s, 42, bytes), "write the stream");
+    drop(s);
+    rig.probe_ok(&job, "guest receiver (split CONNECT line)");
+}
+
+// 6. 64 concurrent connections, 1 MiB each, each way.
+#[test]
+fn sixty_four_concurrent_connections() {
+    let rig = Rig::new("parallel");
+    let n = 64u64;
+    let bytes = MIB;
+    let base = 0x6000u64;
+
+    // Guest to host: 64 guest connections, connection i sends stream
+    // base+i; the host tells them apart by their first word.
+    let l = rig.ok(HostListener::bind(rig.uds(), 6501), "bind host listener");
+    let job = rig.probe(&format!(
+        "connect 2 6501 --parallel {n} sendv {bytes} {base}"
+    ));
+    let mut readers = Vec::new();
+    for i in 0..n {
+        let s = rig.accept(&l, &format!("guest connection {i} of {n}"));
+        readers.push(thread::spawn(move || -> Result<u64, String> {
+            let mut first = [0u8; 8];
+            (&s).read_exact(&mut first).map_err(|e| e.to_string())?;
+            let seed = pattern::identify(&first, base, n)
+                .ok_or_else(|| format!("first word {first:02x?} matches no stream"))?;
+            let r = read_verified_at(&s, seed, 8, Some(bytes)).map_err(|e| e.to_string())?;
+            if r.received != bytes || r.first_bad.is_some() {
+                return Err(format!(
+                    "stream {}: received {} of {bytes}, first bad offset {:?}",
+                    seed - base,
+                    r.received,
+                    r.first_bad
+                ));
+            }
+            Ok(seed)
+        }));
+    }
+    let mut seen = Vec::new();
+    for r in readers {
+        match r.join().expect("reader thread") {
+            Ok(seed) => seen.push(seed),
+            Err(e) => rig.fail(format!("guest to host connection: {e}")),
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    if seen.len() as u64 != n {
+        rig.fail(format!(
+            "only {} distinct streams of {n} arrived",
+            seen.len()
+        ));
+    }
+    rig.probe_ok(&job, "64 guest senders");
+
+    // Host to guest: 64 host connections to one guest listener.
+    let job = rig.probe_listen(&format!("6502 --count {n} recvv {bytes} {base}"));
+    let uds = rig.uds().to_path_buf();
+    let writers: Vec<_> = (0..n)
+        .map(|_| {
+            let uds = uds.clone();
+            thread::spawn(move || -> Result<(), String> {
+                let (s, _) = hybrid_connect(&uds, 6502).map_err(|e| e.to_string())?;
+                s.set_write_timeout(Some(T)).unwrap();
+                write_verified(&s, base, bytes).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    for (i, w) in writers.into_iter().enumerate() {
+        if let Err(e) = w.join().expect("writer thread") {
+            rig.fail(format!("host to guest connection {i}: {e}"));
+        }
+    }
+    let out = rig.probe_ok(&job, "guest listener for 64 connections");
+    let ok = parse_results(&out.output)
+        .iter()
+        .filter(|r| r.kind == "RESULT" && r.ok())
+        .count() as u64;
+    assert_eq!(ok, n, "guest verified {ok} of {n} streams:\n{}", out.output);
+}
+
+// 7. VM stop and resume over QMP with traffic in both directions, and the
+// host writing while the VM is stopped.
+#[test]
+fn stop_and_resume_with_traffic() {
+    let mut rig = Rig::new("stopcont");
+    let bytes = 16 * MIB;
+    let chunk = 64 * 1024;
+
+    // Host to guest.
+    let rx_job = rig.probe_listen(&format!("6601 recvv {bytes} 71"));
+    let s = rig.connect(6601);
+    s.set_write_timeout(None).unwrap();
+    // The host writes the first part while the VM runs, waits until the
+    // VM is stopped, then writes the rest (blocking once buffers fill).
+    let first_part = 4 * MIB;
+    let written = Arc::new(AtomicU64::new(0));
+    let w = written.clone();
+    let (stopped_tx, stopped_rx) = std::sync::mpsc::channel::<()>();
+    let writer = thread::spawn(move || -> Result<(), String> {
+        let mut off = 0;
+        while off < bytes {
+            if off == first_part {
+                stopped_rx
+                    .recv_timeout(T)
+                    .map_err(|_| "VM never stopped".to_string())?;
+            }
+            write_verified_at(&s, 71, off, chunk).map_err(|e| format!("at {off}: {e}"))?;
+            off += chunk;
+            w.store(off, Ordering::SeqCst);
+        }
+        Ok(())
+    });
+    // Guest to host.
+    let l = rig.ok(HostListener::bind(rig.uds(), 6602), "bind host listener");
+    let tx_job = rig.probe(&format!("connect 2 6602 sendv {bytes} 72"));
+    let g = rig.accept(&l, "guest connection to host port 6602");
+    g.set_read_timeout(None).unwrap();
+    let read = Arc::new(AtomicU64::new(0));
+    let r = read.clone();
+    let reader = thread::spawn(move || -> Result<(), String> {
+        let mut off = 0;
+        while off < bytes {
+            let rep = read_verified_at(&g, 72, off, Some(off + chunk))
+                .map_err(|e| format!("at {off}: {e}"))?;
+            if let Some(bad) = rep.first_bad {
+                return Err(format!("first bad offset {bad}"));
+            }
+            if rep.eof {
+                return Err(format!("EOF after {} bytes", rep.received));
+            }
+            off = rep.received;
+            r.store(off, Ordering::SeqCst);
+        }
+        Ok(())
+    });
+
+    // Let traffic flow, then pause.
+    let deadline = Instant::now() + T;
+    while (written.load(Ordering::SeqCst) < first_part || read.load(Ordering::SeqCst) < 2 * MIB)
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(10));
+    }
+    rig.ok(rig.vm().stop(), "QMP stop");
+    let before = written.load(Ordering::SeqCst);
+    let _ = stopped_tx.send(());
+    thread::sleep(Duration::from_millis(1500));
+    let during = written.load(Ordering::SeqCst);
+    let status = rig.ok(
+        rig.vm().qmp(r#"{"execute":"query-status"}"#),
+        "QMP query-status",
+    );
+    eprintln!(
+        "stopcont: {status}; host wrote {} KiB while the VM was stopped",
+        (during - before) / 1024
+    );
+    if !rig.backend.is_running() {
+        rig.fail("backend exited while the VM was stopped");
+    }
+    if during == before {
+        rig.fail("the host could not write anything while the VM was stopped");
+    }
+    rig.ok(rig.vm().cont(), "QMP cont");
+
+    // Both streams must finish; fail early when they stop moving.
+    let mut last = (0, 0, Instant::now());
+    while written.load(Ordering::SeqCst) < bytes || read.load(Ordering::SeqCst) < bytes {
+        if writer.is_finished() && written.load(Ordering::SeqCst) < bytes {
+            break;
+        }
+        if reader.is_finished() && read.load(Ordering::SeqCst) < bytes {
+            break;
+        }
+        let now = (written.load(Ordering::SeqCst), read.load(Ordering::SeqCst));
+        if now != (last.0, last.1) {
+            last = (now.0, now.1, Instant::now());
+        } else if last.2.elapsed() > Duration::from_secs(20) {
+            let running = rig.backend.is_running();
+            rig.fail(format!(
+                "traffic stalled after cont: host wrote {} of {bytes}, read {} of {bytes}; \
+                 backend {}",
+                now.0,
+                now.1,
+                if running { "still running" } else { "exited" }
+            ));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    if let Err(e) = writer.join().expect("writer thread") {
+        rig.fail(format!("host to guest across stop/cont: {e}"));
+    }
+    if let Err(e) = reader.join().expect("reader thread") {
+        rig.fail(format!("guest to host across stop/cont: {e}"));
+    }
+    rig.probe_ok(&tx_job, "guest sender across stop/cont");
+    rig.probe_ok(&rx_job, "guest receiver across stop/cont");
+    if !rig.backend.is_running() {
+        rig.fail("backend exited after stop/cont");
+    }
+}
+
+/// A new connection each way carries 1 MiB, verified.
+fn fresh_connections_work(rig: &Rig, port: u32, seed: u64, what: &str) {
+    let bytes = MIB;
+    let l = rig.ok(HostListener::bind(rig.uds(), port), "bind host listener");
+    let job = rig.probe(&format!("connect 2 {port} sendv {bytes} {seed}"));
+    let s = rig.accept(&l, &format!("{what}: guest connection"));
+    expect_stream(rig, &s, seed, bytes, &format!("{what}: guest to host"));
+    drop(s);
+    rig.probe_ok(&job, &format!("{what}: guest sender"));
+
+    let job = rig.probe_listen(&format!("{} recvv {bytes} {}", port + 1, seed + 1));
+    let s = rig.connect(port + 1);
+    rig.ok(
+        write_verified(&s, seed + 1, bytes),
+        &format!("{what}: host to guest"),
+    );
+    drop(s);
+    rig.probe_ok(&job, &format!("{what}: guest receiver"));
+}
+
+// 8. Guest driver unbind and bind (a device reset), then new connections
+// work both ways.
+#[test]
+fn driver_unbind_and_bind() {
+    let rig = Rig::new("rebind");
+    fresh_connections_work(&rig, 6701, 81, "before unbind");
+    let dev = rig.vsock_device();
+    let drv = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport";
+    rig.ok(
+        rig.vm().sh_ok(&format!("echo {dev} > {drv}/unbind")),
+        "driver unbind",
+    );
+    rig.ok(
+        rig.vm().sh_ok(&format!("echo {dev} > {drv}/bind")),
+        "driver bind",
+    );
+    let again = rig.vsock_device();
+    assert_eq!(again, dev, "device after rebind");
+    let cid = rig.ok(rig.vm().sh_ok("vsock-probe cid"), "CID after rebind");
+    assert!(
+        cid.contains(&format!("CID {CID}")),
+        "CID after rebind: {cid}"
+    );
+    fresh_connections_work(&rig, 6711, 91, "after unbind and bind");
+}
+
+// 9. The VMM exits and a second QEMU connects to the same running backend.
+#[test]
+fn second_vmm_on_same_backend() {
+    let mut rig = Rig::new("revmm");
+    fresh_connections_work(&rig, 6801, 101, "first VM");
+    let vm = rig.vm.take().expect("VM");
+    rig.ok(vm.shutdown(), "first VM shutdown");
+    thread::sleep(Duration::from_millis(200));
+    if !rig.backend.is_running() {
+        rig.fail("backend exited when the first VMM went away");
+    }
+    let image = GuestImage::get().unwrap();
+    rig.boot(image);
+    fresh_connections_work(&rig, 6811, 111, "second VM");
+}
