@@ -86,8 +86,10 @@ impl<'a> GuestIovs<'a> {
         })
     }
 
-    /// Fills `out` with iovecs covering `[offset, offset + len)` (clipped to
-    /// what exists) and returns the window over them.
+    /// Fills `out` with iovecs covering `[offset, offset + len)`, clipped to
+    /// what exists and to [`IOV_MAX`] iovecs, and returns the window over
+    /// them. The window's length is exactly what one `readv`/`writev` of it
+    /// can move, so a short transfer always means the socket had no more.
     pub fn window<'w>(
         &self,
         offset: usize,
@@ -100,6 +102,9 @@ impl<'a> GuestIovs<'a> {
         out.clear();
         let mut total = 0;
         self.for_each_slice(offset, len, |s, _| {
+            if out.len() == IOV_MAX {
+                return;
+            }
             out.push(libc::iovec {
                 iov_base: s.ptr_guard_mut().as_ptr().cast(),
                 iov_len: s.len(),
@@ -146,10 +151,10 @@ impl IovWindow<'_> {
     }
 }
 
-/// iovec counts above IOV_MAX are clipped: the call then moves fewer bytes,
-/// which every caller handles as a short transfer.
+/// Most iovecs one `readv`/`writev` takes (Linux's UIO_MAXIOV).
+pub const IOV_MAX: usize = 1024;
+
 fn iov_count(iovs: &[libc::iovec]) -> libc::c_int {
-    const IOV_MAX: usize = 1024;
     iovs.len().min(IOV_MAX) as libc::c_int
 }
 
@@ -225,5 +230,17 @@ mod tests {
         assert_eq!(scratch[1].iov_len, 3);
         let w = g.window(6, 100, &mut scratch);
         assert_eq!(w.len(), 2);
+    }
+
+    #[test]
+    fn window_stops_at_iov_max() {
+        let mut bufs: Vec<Vec<u8>> = (0..IOV_MAX + 10).map(|_| vec![0u8; 2]).collect();
+        let iovs = iovs_of(&mut bufs);
+        // SAFETY: the buffers outlive `g` and are not otherwise accessed.
+        let g = unsafe { GuestIovs::new(&iovs) };
+        let mut scratch = Vec::new();
+        let len = g.window(0, g.len(), &mut scratch).len();
+        assert_eq!(scratch.len(), IOV_MAX);
+        assert_eq!(len, 2 * IOV_MAX, "length of what one syscall moves");
     }
 }
