@@ -254,6 +254,23 @@ impl VsockDevice {
         }
     }
 
+    /// Publishes a queue's staged used elements and notifies the driver if
+    /// it asked to be; logs what went wrong in the batch.
+    fn end_batch(&mut self, q: usize, result: Result<(), vsockd_ring::RingError>) {
+        let Some(memory) = &self.memory else { return };
+        let Some(ring) = self.vrings[q].ring.as_mut() else {
+            return;
+        };
+        if let Err(e) = result {
+            warn!("queue {q}: {e}");
+        }
+        match ring.publish(&memory.mem) {
+            Ok(true) => self.notify(q),
+            Ok(false) => {}
+            Err(e) => warn!("queue {q}: {e}"),
+        }
+    }
+
     fn process_tx(&mut self) {
         let Some(memory) = &self.memory else { return };
         let mem = &memory.mem;
@@ -275,12 +292,7 @@ impl VsockDevice {
                             muxer.handle_tx(&pkt);
                             ring.push_used(mem, chain.head(), 0)?;
                         }
-                        Err(e) => {
-                            warn!("TX queue: dropping malformed descriptor {e}");
-                            if e.head < ring.size() {
-                                ring.push_used(mem, e.head, 0)?;
-                            }
-                        }
+                        Err(e) => give_back_malformed(ring, mem, "TX", e)?,
                     }
                 }
                 if !ring.enable_notification(mem)? {
@@ -288,14 +300,7 @@ impl VsockDevice {
                 }
             }
         })();
-        if let Err(e) = result {
-            warn!("TX queue: {e}");
-        }
-        match ring.publish(mem) {
-            Ok(true) => self.notify(TX_QUEUE),
-            Ok(false) => {}
-            Err(e) => warn!("TX queue: {e}"),
-        }
+        self.end_batch(TX_QUEUE, result);
     }
 
     fn process_rx(&mut self) {
@@ -317,10 +322,7 @@ impl VsockDevice {
                     return Ok(());
                 };
                 if let Err(e) = popped {
-                    warn!("RX queue: dropping malformed descriptor {e}");
-                    if e.head < ring.size() {
-                        ring.push_used(mem, e.head, 0)?;
-                    }
+                    give_back_malformed(ring, mem, "RX", e)?;
                     continue;
                 }
                 if chain.writable_len() < HEADER_SIZE_BYTES {
@@ -344,15 +346,22 @@ impl VsockDevice {
             }
             Ok(())
         })();
-        if let Err(e) = result {
-            warn!("RX queue: {e}");
-        }
-        match ring.publish(mem) {
-            Ok(true) => self.notify(RX_QUEUE),
-            Ok(false) => {}
-            Err(e) => warn!("RX queue: {e}"),
-        }
+        self.end_batch(RX_QUEUE, result);
     }
+}
+
+/// Returns a chain that could not be walked to the driver, unused.
+fn give_back_malformed(
+    ring: &mut SplitRing,
+    mem: &vsockd_ring::GuestMemory,
+    queue: &str,
+    e: vsockd_ring::ChainError,
+) -> Result<(), vsockd_ring::RingError> {
+    warn!("{queue} queue: dropping malformed descriptor {e}");
+    if e.head < ring.size() {
+        ring.push_used(mem, e.head, 0)?;
+    }
+    Ok(())
 }
 
 fn unsupported(what: &'static str) -> VhostError {
