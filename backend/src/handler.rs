@@ -45,6 +45,11 @@ pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;
 pub const NUM_QUEUES: usize = 3;
 
+/// RX buffers filled per batch: 16 Linux-sized (4 KiB) buffers take one
+/// 64 KiB read from a host socket.
+const RX_BATCH: usize = 16;
+const _: () = assert!(RX_BATCH <= vsockd_device::MAX_RX_BATCH);
+
 /// VIRTIO_F_VERSION_1 (virtio 1.2, 6).
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// VIRTIO_RING_F_EVENT_IDX (virtio 1.2, 6).
@@ -86,6 +91,7 @@ pub struct VsockDevice {
     vrings: [Vring; NUM_QUEUES],
     pub muxer: Muxer<UnixHost>,
     chain: Chain,
+    rx_chains: Vec<Chain>,
 }
 
 fn err_io(e: io::Error) -> VhostError {
@@ -108,6 +114,7 @@ impl VsockDevice {
             vrings: Default::default(),
             muxer,
             chain: Chain::new(),
+            rx_chains: (0..RX_BATCH).map(|_| Chain::new()).collect(),
         }
     }
 
@@ -309,39 +316,68 @@ impl VsockDevice {
         let Some(ring) = self.vrings[RX_QUEUE].ring.as_mut() else {
             return;
         };
-        let chain = &mut self.chain;
+        let chains = &mut self.rx_chains;
         let muxer = &mut self.muxer;
         let result: Result<(), vsockd_ring::RingError> = (|| {
             while muxer.has_rx_work() {
-                let Some(popped) = ring.pop(mem, chain)? else {
+                // A batch of usable buffers, contiguous in ring order, so
+                // the unused tail can be given back with `unpop`.
+                let mut k = 0;
+                while k < chains.len() {
+                    let Some(popped) = ring.pop(mem, &mut chains[k])? else {
+                        break;
+                    };
+                    let usable = match popped {
+                        Ok(()) => chains[k].writable_len() >= HEADER_SIZE_BYTES,
+                        Err(_) => false,
+                    };
+                    if usable {
+                        k += 1;
+                        continue;
+                    }
+                    if k > 0 {
+                        // Dealt with at the head of the next batch.
+                        ring.unpop();
+                        break;
+                    }
+                    match popped {
+                        Err(e) => give_back_malformed(ring, mem, "RX", e)?,
+                        Ok(()) => {
+                            warn!(
+                                "RX queue: buffer {} of {} writable bytes cannot hold a header; returning it",
+                                chains[0].head(),
+                                chains[0].writable_len()
+                            );
+                            ring.push_used(mem, chains[0].head(), 0)?;
+                        }
+                    }
+                }
+                if k == 0 {
                     // Out of buffers with work left: ask for a kick, and go
                     // on if buffers came meanwhile.
                     if ring.enable_notification(mem)? {
                         continue;
                     }
                     return Ok(());
-                };
-                if let Err(e) = popped {
-                    give_back_malformed(ring, mem, "RX", e)?;
-                    continue;
                 }
-                if chain.writable_len() < HEADER_SIZE_BYTES {
-                    warn!(
-                        "RX queue: buffer {} of {} writable bytes cannot hold a header; returning it",
-                        chain.head(),
-                        chain.writable_len()
-                    );
-                    ring.push_used(mem, chain.head(), 0)?;
-                    continue;
-                }
-                // SAFETY: as in `process_tx`.
-                let buf = unsafe { GuestIovs::new(chain.writable()) };
-                match muxer.fill_rx(&buf) {
-                    Some(len) => ring.push_used(mem, chain.head(), len as u32)?,
-                    None => {
-                        ring.unpop();
-                        return Ok(());
+                let bufs: [GuestIovs<'_>; RX_BATCH] = std::array::from_fn(|i| {
+                    if i < k {
+                        // SAFETY: as in `process_tx`.
+                        unsafe { GuestIovs::new(chains[i].writable()) }
+                    } else {
+                        GuestIovs::empty()
                     }
+                });
+                let mut lens = [0usize; RX_BATCH];
+                let filled = muxer.fill_rx(&bufs[..k], &mut lens[..k]);
+                for (chain, &len) in chains[..filled].iter().zip(&lens[..filled]) {
+                    ring.push_used(mem, chain.head(), len as u32)?;
+                }
+                for _ in filled..k {
+                    ring.unpop();
+                }
+                if filled < k {
+                    return Ok(());
                 }
             }
             Ok(())

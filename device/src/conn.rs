@@ -37,7 +37,7 @@ use log::{debug, warn};
 
 use crate::connect_line::LineParser;
 use crate::host::HostStream;
-use crate::iov::{write_fd, GuestIovs};
+use crate::iov::{write_fd, GuestIovs, IovWindow};
 use crate::packet::*;
 use crate::txbuf::TxBuf;
 use crate::ConnKey;
@@ -77,13 +77,16 @@ pub(crate) enum ConnError {
     OkLine(#[source] io::Error),
 }
 
-/// What filling one RX buffer produced.
+/// What filling RX buffers produced.
 pub(crate) struct RxFill {
-    /// Bytes written to the buffer, header included.
-    pub len: usize,
+    /// Buffers filled, from the first one given.
+    pub buffers: usize,
     /// The packet was an RST: remove the connection.
     pub close: bool,
 }
+
+/// Most RX buffers one `readv` fills.
+pub const MAX_RX_BATCH: usize = 64;
 
 /// One connection.
 pub(crate) struct Connection<S> {
@@ -333,54 +336,62 @@ impl<S: HostStream> Connection<S> {
         h
     }
 
-    fn put_control(&mut self, guest_cid: u64, buf: &GuestIovs<'_>, op: u16, flags: u32) -> RxFill {
+    fn put_control(
+        &mut self,
+        guest_cid: u64,
+        buf: &GuestIovs<'_>,
+        lens: &mut [usize],
+        op: u16,
+        flags: u32,
+    ) -> RxFill {
         let mut h = self.header(guest_cid, op, 0);
         h.set_flags(flags);
         debug!("rx {h:?}");
         buf.write_at(0, vm_memory::ByteValued::as_slice(&h));
+        lens[0] = HEADER_SIZE_BYTES;
         RxFill {
-            len: HEADER_SIZE_BYTES,
+            buffers: 1,
             close: op == OP_RST,
         }
     }
 
-    /// Fills one RX buffer (at least a header long) with the next packet
-    /// this connection owes or has data for. `None`: nothing to send.
+    /// Fills RX buffers (each at least a header long; `lens` as many) with
+    /// the next packets this connection owes or has data for: one control
+    /// packet, or data packets read from the host with a single `readv`.
+    /// `None`: nothing to send.
     pub fn fill_rx(
         &mut self,
         guest_cid: u64,
-        buf: &GuestIovs<'_>,
+        bufs: &[GuestIovs<'_>],
+        lens: &mut [usize],
         scratch: &mut Vec<libc::iovec>,
     ) -> Option<RxFill> {
+        let first = bufs.first()?;
         if self.owed & owe::RST != 0 {
             self.owed = 0;
-            return Some(self.put_control(guest_cid, buf, OP_RST, 0));
+            return Some(self.put_control(guest_cid, first, lens, OP_RST, 0));
         }
         if self.owed & owe::REQUEST != 0 {
             self.owed &= !owe::REQUEST;
-            return Some(self.put_control(guest_cid, buf, OP_REQUEST, 0));
+            return Some(self.put_control(guest_cid, first, lens, OP_REQUEST, 0));
         }
         if self.owed & owe::RESPONSE != 0 {
             self.owed &= !owe::RESPONSE;
-            return Some(self.put_control(guest_cid, buf, OP_RESPONSE, 0));
+            return Some(self.put_control(guest_cid, first, lens, OP_RESPONSE, 0));
         }
         if self.can_send_data() {
-            match self.read_payload(buf, scratch) {
+            match self.read_payload(guest_cid, bufs, lens, scratch) {
                 Ok(0) => {}
-                Ok(n) => {
-                    self.tx_cnt += Wrapping(n as u32);
-                    let h = self.header(guest_cid, OP_RW, n as u32);
-                    debug!("rx {h:?}");
-                    buf.write_at(0, vm_memory::ByteValued::as_slice(&h));
+                Ok(buffers) => {
                     return Some(RxFill {
-                        len: HEADER_SIZE_BYTES + n,
+                        buffers,
                         close: false,
-                    });
+                    })
                 }
                 Err(e) => {
                     warn!("{}: resetting connection: {e}", self.key);
                     self.reset();
-                    return Some(self.put_control(guest_cid, buf, OP_RST, 0));
+                    return Some(self.put_control(guest_cid, first, lens, OP_RST, 0));
                 }
             }
         }
@@ -388,37 +399,74 @@ impl<S: HostStream> Connection<S> {
             self.owed &= !owe::SHUTDOWN;
             let flags = self.shutdown_flags & !self.local_shutdown;
             self.local_shutdown |= flags;
-            return Some(self.put_control(guest_cid, buf, OP_SHUTDOWN, flags));
+            return Some(self.put_control(guest_cid, first, lens, OP_SHUTDOWN, flags));
         }
         if self.owed & owe::CREDIT_UPDATE != 0 {
-            return Some(self.put_control(guest_cid, buf, OP_CREDIT_UPDATE, 0));
+            return Some(self.put_control(guest_cid, first, lens, OP_CREDIT_UPDATE, 0));
         }
         None
     }
 
-    /// Reads host bytes into the buffer after the header. `Ok(0)` means
-    /// nothing was read (would block, or EOF, which owes a SHUTDOWN).
+    /// Writes an RW header for `len` payload bytes into `buf`.
+    fn put_rw_header(&mut self, guest_cid: u64, buf: &GuestIovs<'_>, len: usize) {
+        let h = self.header(guest_cid, OP_RW, len as u32);
+        debug!("rx {h:?}");
+        buf.write_at(0, vm_memory::ByteValued::as_slice(&h));
+    }
+
+    /// Reads host bytes into the buffers after their headers, with one
+    /// `readv` across all of them, and writes an RW header into each buffer
+    /// that got bytes. Returns the buffers filled; 0 means nothing was read
+    /// (would block, or EOF, which owes a SHUTDOWN).
     fn read_payload(
         &mut self,
-        buf: &GuestIovs<'_>,
+        guest_cid: u64,
+        bufs: &[GuestIovs<'_>],
+        lens: &mut [usize],
         scratch: &mut Vec<libc::iovec>,
     ) -> Result<usize, ConnError> {
-        let room = buf.len().saturating_sub(HEADER_SIZE_BYTES);
-        let cap = room.min(MAX_PAYLOAD_BYTES).min(self.peer_credit() as usize);
-        if cap == 0 {
+        let mut credit = self.peer_credit() as usize;
+        if credit == 0 {
             return Ok(0);
         }
+        let room = |b: &GuestIovs<'_>| {
+            b.len()
+                .saturating_sub(HEADER_SIZE_BYTES)
+                .min(MAX_PAYLOAD_BYTES)
+        };
         if !self.rx_prefix.is_empty() {
-            let n = cap.min(self.rx_prefix.len());
-            buf.write_at(HEADER_SIZE_BYTES, &self.rx_prefix[..n]);
+            let n = room(&bufs[0]).min(credit).min(self.rx_prefix.len());
+            bufs[0].write_at(HEADER_SIZE_BYTES, &self.rx_prefix[..n]);
             self.rx_prefix.drain(..n);
             if self.rx_prefix.is_empty() {
                 self.rx_prefix = Vec::new();
             }
-            return Ok(n);
+            self.tx_cnt += Wrapping(n as u32);
+            self.put_rw_header(guest_cid, &bufs[0], n);
+            lens[0] = HEADER_SIZE_BYTES + n;
+            return Ok(1);
         }
-        let window = buf.window(HEADER_SIZE_BYTES, cap, scratch);
-        match window.readv_from(self.stream.as_raw_fd()) {
+        // Gather the payload areas of as many buffers as credit allows.
+        let mut sizes = [0usize; MAX_RX_BATCH];
+        let mut gathered = 0;
+        let mut total = 0;
+        scratch.clear();
+        for (b, size) in bufs.iter().zip(sizes.iter_mut()) {
+            if credit == 0 {
+                break;
+            }
+            let want = room(b).min(credit);
+            let got = b.append_window(HEADER_SIZE_BYTES, want, scratch);
+            *size = got;
+            total += got;
+            credit -= got;
+            gathered += 1;
+            if got < want {
+                break;
+            }
+        }
+        let window = IovWindow::gathered(scratch, total);
+        let n = match window.readv_from(self.stream.as_raw_fd()) {
             Ok(0) => {
                 self.host_eof = true;
                 self.host_readable = false;
@@ -432,22 +480,34 @@ impl<S: HostStream> Connection<S> {
                 debug!("{}: host EOF, owe SHUTDOWN({flags:#x})", self.key);
                 self.shutdown_flags |= flags;
                 self.owe(owe::SHUTDOWN);
-                Ok(0)
+                return Ok(0);
             }
-            Ok(n) => {
-                // A short read drained the socket: wait for the next edge,
-                // unless the host's EOF (already signalled) is still ahead.
-                if n < cap && !self.host_rdhup {
-                    self.host_readable = false;
-                }
-                Ok(n)
-            }
+            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.host_readable = false;
-                Ok(0)
+                return Ok(0);
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
-            Err(e) => Err(ConnError::HostRead(e)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(0),
+            Err(e) => return Err(ConnError::HostRead(e)),
+        };
+        // A short read drained the socket: wait for the next edge, unless
+        // the host's EOF (already signalled) is still ahead.
+        if n < total && !self.host_rdhup {
+            self.host_readable = false;
         }
+        self.tx_cnt += Wrapping(n as u32);
+        let mut left = n;
+        let mut filled = 0;
+        for (i, &size) in sizes[..gathered].iter().enumerate() {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(size);
+            self.put_rw_header(guest_cid, &bufs[i], take);
+            lens[i] = HEADER_SIZE_BYTES + take;
+            left -= take;
+            filled += 1;
+        }
+        Ok(filled)
     }
 }

@@ -32,6 +32,11 @@ impl<'a> GuestIovs<'a> {
         GuestIovs { iovs, len }
     }
 
+    /// No buffers at all.
+    pub fn empty() -> Self {
+        GuestIovs { iovs: &[], len: 0 }
+    }
+
     /// Total length in bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -100,6 +105,19 @@ impl<'a> GuestIovs<'a> {
         'a: 'w,
     {
         out.clear();
+        let len = self.append_window(offset, len, out);
+        IovWindow { iovs: out, len }
+    }
+
+    /// Appends iovecs covering `[offset, offset + len)` to `out`, stopping
+    /// when `out` holds [`IOV_MAX`]; returns the bytes appended. Windows of
+    /// several buffers gathered this way make one `readv` fill them all.
+    pub(crate) fn append_window(
+        &self,
+        offset: usize,
+        len: usize,
+        out: &mut Vec<libc::iovec>,
+    ) -> usize {
         let mut total = 0;
         self.for_each_slice(offset, len, |s, _| {
             if out.len() == IOV_MAX {
@@ -111,10 +129,7 @@ impl<'a> GuestIovs<'a> {
             });
             total += s.len();
         });
-        IovWindow {
-            iovs: out,
-            len: total,
-        }
+        total
     }
 }
 
@@ -124,7 +139,14 @@ pub struct IovWindow<'w> {
     len: usize,
 }
 
-impl IovWindow<'_> {
+impl<'w> IovWindow<'w> {
+    /// A window over iovecs gathered with [`GuestIovs::append_window`]
+    /// (only such iovecs may be passed: they are what makes I/O on the
+    /// window sound), `len` bytes in all.
+    pub(crate) fn gathered(iovs: &'w [libc::iovec], len: usize) -> Self {
+        IovWindow { iovs, len }
+    }
+
     /// Bytes in the window.
     pub fn len(&self) -> usize {
         self.len

@@ -17,6 +17,7 @@ mod txbuf;
 
 use std::fmt;
 
+pub use conn::MAX_RX_BATCH;
 pub use host::{Host, HostStream};
 pub use iov::GuestIovs;
 pub use muxer::{Muxer, MuxerConfig, MuxerStats};

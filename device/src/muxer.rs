@@ -23,7 +23,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use log::{debug, info, warn};
 use vm_memory::ByteValued;
 
-use crate::conn::{owe, Connection, State};
+use crate::conn::{owe, Connection, State, MAX_RX_BATCH};
 use crate::connect_line::{LineError, MAX_LINE_BYTES};
 use crate::host::Host;
 use crate::iov::{read_fd, GuestIovs};
@@ -363,19 +363,29 @@ impl<H: Host> Muxer<H> {
         }
     }
 
-    /// Fills one RX buffer; returns the bytes written, or `None` when there
-    /// is nothing to send (the caller gives the buffer back to the ring).
-    /// Buffers shorter than a header are refused with `None` too.
-    pub fn fill_rx(&mut self, buf: &GuestIovs<'_>) -> Option<usize> {
-        if buf.len() < HEADER_SIZE_BYTES {
-            return None;
+    /// Fills RX buffers, in order, with the packets owed to the guest:
+    /// RSTs for unknown connections first, then connections round-robin, a
+    /// connection's data spread over several buffers by one `readv`. Every
+    /// buffer must hold at least a header. `lens[i]` gets the bytes written
+    /// to `bufs[i]`; returns how many buffers (a prefix of `bufs`) were
+    /// filled. The caller gives the rest back to the ring.
+    pub fn fill_rx(&mut self, bufs: &[GuestIovs<'_>], lens: &mut [usize]) -> usize {
+        let bufs = &bufs[..bufs.len().min(lens.len()).min(MAX_RX_BATCH)];
+        if bufs.iter().any(|b| b.len() < HEADER_SIZE_BYTES) {
+            return 0;
         }
-        if let Some(rst) = self.orphan_rsts.pop_front() {
-            debug!("rx {rst:?}");
-            buf.write_at(0, rst.as_slice());
-            return Some(HEADER_SIZE_BYTES);
-        }
-        while let Some(slot) = self.rx_queue.pop_front() {
+        let mut i = 0;
+        while i < bufs.len() {
+            if let Some(rst) = self.orphan_rsts.pop_front() {
+                debug!("rx {rst:?}");
+                bufs[i].write_at(0, rst.as_slice());
+                lens[i] = HEADER_SIZE_BYTES;
+                i += 1;
+                continue;
+            }
+            let Some(slot) = self.rx_queue.pop_front() else {
+                break;
+            };
             let guest_cid = self.cfg.guest_cid;
             let scratch = &mut self.scratch;
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
@@ -385,17 +395,17 @@ impl<H: Host> Muxer<H> {
                 continue;
             }
             conn.in_rx_queue = false;
-            let Some(fill) = conn.fill_rx(guest_cid, buf, scratch) else {
+            let Some(fill) = conn.fill_rx(guest_cid, &bufs[i..], &mut lens[i..], scratch) else {
                 continue;
             };
+            i += fill.buffers;
             if fill.close {
                 self.remove(slot);
             } else {
                 self.enqueue(slot);
             }
-            return Some(fill.len);
         }
-        None
+        i
     }
 
     /// Handles everything ready on the host side, without blocking.
