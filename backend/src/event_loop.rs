@@ -20,12 +20,14 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::error::BackendError;
 use crate::handler::{kick_token, DeviceConfig, VsockDevice, RX_QUEUE, TX_QUEUE};
+use crate::signals::ExitSignals;
 use crate::unix_host::UnixHost;
 use vsockd_device::{Muxer, MuxerConfig};
 
 const LISTENER_TOKEN: u64 = 1;
 const FRONTEND_TOKEN: u64 = 2;
 const MUXER_TOKEN: u64 = 3;
+const SIGNAL_TOKEN: u64 = 4;
 const EVENTS_PER_WAIT: usize = 64;
 
 type Handler = BackendReqHandler<Mutex<VsockDevice>>;
@@ -47,6 +49,7 @@ struct EventLoop {
     listener: UnixListener,
     device: Arc<Mutex<VsockDevice>>,
     frontend: Option<Handler>,
+    signals: ExitSignals,
 }
 
 impl EventLoop {
@@ -127,6 +130,13 @@ impl EventLoop {
                     LISTENER_TOKEN => self.accept_frontend()?,
                     FRONTEND_TOKEN => self.frontend_request()?,
                     MUXER_TOKEN => lock(&self.device).muxer.process_host_events(),
+                    SIGNAL_TOKEN => {
+                        if let Some(sig) = self.signals.take() {
+                            info!("{sig} received: exiting");
+                            lock(&self.device).end_session();
+                            return Ok(());
+                        }
+                    }
                     t => {
                         let dev = lock(&self.device);
                         for q in [RX_QUEUE, TX_QUEUE] {
@@ -142,8 +152,10 @@ impl EventLoop {
     }
 }
 
-/// Serves frontends on `listener` forever, bridging to `host`.
+/// Serves frontends on `listener`, bridging to `host`, until SIGTERM or
+/// SIGINT.
 pub fn serve(listener: UnixListener, host: UnixHost, cfg: ServeConfig) -> Result<(), BackendError> {
+    let signals = ExitSignals::new().map_err(BackendError::Epoll)?;
     let fd = epoll::create(true).map_err(BackendError::Epoll)?;
     // SAFETY: `epoll::create` returned a new descriptor that we own.
     let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -168,7 +180,13 @@ pub fn serve(listener: UnixListener, host: UnixHost, cfg: ServeConfig) -> Result
         listener,
         device,
         frontend: None,
+        signals,
     };
+    el.ctl(
+        epoll::ControlOptions::EPOLL_CTL_ADD,
+        el.signals.fd(),
+        SIGNAL_TOKEN,
+    )?;
     el.ctl(
         epoll::ControlOptions::EPOLL_CTL_ADD,
         el.listener.as_raw_fd(),

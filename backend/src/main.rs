@@ -6,6 +6,7 @@ mod event_loop;
 mod handler;
 mod listen;
 mod memory;
+mod signals;
 mod unix_host;
 
 use std::process::ExitCode;
@@ -62,6 +63,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// Unlinks socket paths when dropped.
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 fn run(args: &Args) -> Result<(), BackendError> {
     // validate() made sure these are present.
     let Some(uds_path) = args.uds_path.clone() else {
@@ -73,6 +85,13 @@ fn run(args: &Args) -> Result<(), BackendError> {
         (None, None) => return Ok(()),
     };
     let host_listener = listen::bind("host socket (--uds-path)", &uds_path)?;
+    // Remove the sockets we created when we leave, however we leave.
+    let _cleanup = RemoveOnDrop(
+        [args.socket_path.clone(), Some(uds_path.clone())]
+            .into_iter()
+            .flatten()
+            .collect(),
+    );
     let host = UnixHost::new(host_listener, uds_path.clone()).map_err(BackendError::Epoll)?;
     info!(
         "vsockd {} serving guest CID {} ({}), host socket {}",

@@ -201,3 +201,28 @@ fn fd_that_is_not_a_listening_socket_is_refused() {
         .unwrap();
     assert_one_line_error(&out, 1, "--fd 0");
 }
+
+#[test]
+fn sigterm_exits_cleanly_and_removes_the_sockets() {
+    let d = tmpdir("sigterm");
+    let (v, h) = (d.join("v.sock"), d.join("h.sock"));
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut child = KillOnDrop(
+            vsockd()
+                .arg("--socket-path")
+                .arg(&v)
+                .arg("--uds-path")
+                .arg(&h)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for_socket(&h, &mut child.0);
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(child.0.id() as i32, sig) }, 0);
+        let status = child.0.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "signal {sig}: clean exit");
+        assert!(!v.exists() && !h.exists(), "signal {sig}: sockets removed");
+    }
+}
