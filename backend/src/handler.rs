@@ -8,10 +8,12 @@
 //! SET_VRING_ENABLE(1) before it is processed; without, it is enabled when
 //! started.
 //!
-//! Stop and start again with the same base is a VM pause: connections carry
-//! on. A start with a base different from the one returned at stop means the
-//! driver reset the device (new rings from index 0): every connection is
-//! dropped, as the vsock spec requires of a device reset.
+//! Stop and start again with the same base and ring addresses is a VM
+//! pause: connections carry on. A start from a different base or with rings
+//! elsewhere means the driver reset the device (QEMU sends no other sign of
+//! it): every connection is dropped, as the vsock spec requires of a device
+//! reset. Comparing addresses as well as the base catches a reset even when
+//! the rings happened to stop at an index that is a multiple of 65536.
 //!
 //! Invariant: the device never holds a descriptor chain across calls. Every
 //! chain popped is returned to the used ring before control goes back to the
@@ -77,8 +79,17 @@ struct Vring {
     call: Option<File>,
     enabled: bool,
     ring: Option<SplitRing>,
-    /// The base returned by the last GET_VRING_BASE.
-    stopped_at: Option<u16>,
+    /// Base and addresses when the ring was last stopped, until it starts
+    /// again.
+    stop_point: Option<StopPoint>,
+}
+
+/// Where a stopped ring stood. A restart from the same point is a VM pause;
+/// from anywhere else, a driver reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StopPoint {
+    base: u16,
+    addrs_va: Option<(u64, u64, u64)>,
 }
 
 /// The device state one vhost-user session works on.
@@ -220,6 +231,36 @@ impl VsockDevice {
             debug!("queue {q} stopped at {}", v.base);
         }
         v.base
+    }
+
+    /// Called when ring `q` starts: drops every connection if the ring does
+    /// not resume where it stopped. Judged once per stop: the other rings'
+    /// stop points are cleared with it, so connections opened between the
+    /// rings' restarts survive.
+    fn detect_reset(&mut self, q: usize) {
+        let Some(stopped) = self.vrings[q].stop_point.take() else {
+            return;
+        };
+        let now = StopPoint {
+            base: self.vrings[q].base,
+            addrs_va: self.vrings[q].addrs_va,
+        };
+        if q != EVENT_QUEUE && now != stopped {
+            info!(
+                "queue {q} restarts at {} (stopped at {}{}): the driver reset the device",
+                now.base,
+                stopped.base,
+                if now.addrs_va != stopped.addrs_va {
+                    ", rings moved"
+                } else {
+                    ""
+                }
+            );
+            self.muxer.reset();
+            for v in &mut self.vrings {
+                v.stop_point = None;
+            }
+        }
     }
 
     /// Drains a kick eventfd.
@@ -496,14 +537,6 @@ impl VhostUserBackendReqHandlerMut for VsockDevice {
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
         let q = self.queue(index)?;
         let base = u16::try_from(base).map_err(|_| invalid(format!("queue {q} base {base}")))?;
-        if let Some(prev) = self.vrings[q].stopped_at.take() {
-            if prev != base && q != EVENT_QUEUE {
-                info!(
-                    "queue {q} restarts at {base}, stopped at {prev}: the driver reset the device"
-                );
-                self.muxer.reset();
-            }
-        }
         self.vrings[q].base = base;
         Ok(())
     }
@@ -516,7 +549,10 @@ impl VhostUserBackendReqHandlerMut for VsockDevice {
         }
         let base = self.stop_ring(q);
         self.vrings[q].enabled = false;
-        self.vrings[q].stopped_at = Some(base);
+        self.vrings[q].stop_point = Some(StopPoint {
+            base,
+            addrs_va: self.vrings[q].addrs_va,
+        });
         Ok(VhostUserVringState::new(index, u32::from(base)))
     }
 
@@ -529,7 +565,7 @@ impl VhostUserBackendReqHandlerMut for VsockDevice {
             )));
         };
         self.vrings[q].kick = Some(fd);
-        self.vrings[q].stopped_at = None;
+        self.detect_reset(q);
         self.start_ring(q)
     }
 
