@@ -12,6 +12,7 @@ pub mod qemu;
 pub mod sock;
 pub mod stream;
 pub mod trace;
+pub mod vmm;
 
 pub use backend::{Backend, BackendKind};
 pub use error::{Error, Result};

@@ -1,0 +1,1624 @@
+//! Tests over the virtual VMM: the backend under test
+//! (`VSOCKD_E2E_BACKEND=vsockd|peer`, default vsockd) serves a virtio-vsock
+//! device whose VMM and guest driver are this process, over real
+//! vhost-user and shared memory. No VM boots, so each test takes a fraction
+//! of a second to a few seconds.
+//!
+//! Every stream is verified: bytes are generated from a seed and checked
+//! at their offset on the receiving side (see `pattern`). Guest CID is 3;
+//! host ports are the hybrid socket `<uds>` (CONNECT) and `<uds>_<port>`.
+//!
+//! Where the peer backend has a known bug that a scenario trips over, the
+//! test says so and skips (the scenario or the one case) with
+//! `VSOCKD_E2E_BACKEND=peer`. `driver_reset_when_both_rings_stopped_at_index_zero`
+//! reproduces a vsockd bug and is ignored until it is fixed (run it with
+//! `--ignored`). `VSOCKD_E2E_KEEP=1` keeps each test's directory and
+//! backend log.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vsockd_tests::hybrid::{
+    hybrid_connect_timeout, read_ok_line, read_verified, read_verified_at, write_verified,
+    write_verified_at, HostListener, ReadReport,
+};
+use vsockd_tests::pattern::{self, reply_seed, Verifier};
+use vsockd_tests::qemu::{keep_files, temp_dir};
+use vsockd_tests::vmm::packet::{
+    Header, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH,
+    TYPE_SEQPACKET,
+};
+use vsockd_tests::vmm::{
+    ConnState, Link, RawDesc, TxLayout, VListener, VStream, VirtualVm, VmOptions, DESC_F_INDIRECT,
+    RX, TX,
+};
+use vsockd_tests::{Backend, BackendKind};
+
+const CID: u32 = 3;
+const KIB: u64 = 1024;
+const MIB: u64 = 1 << 20;
+/// Limit for any single wait.
+const T: Duration = Duration::from_secs(20);
+
+fn opts() -> VmOptions {
+    VmOptions {
+        io_timeout: Some(T),
+        ..VmOptions::default()
+    }
+}
+
+/// One backend and one virtual VM in a fresh directory.
+struct Rig {
+    name: String,
+    // Field order: the VM goes before the backend.
+    vm: Option<VirtualVm>,
+    backend: Backend,
+    dir: PathBuf,
+}
+
+impl Rig {
+    fn new(name: &str) -> Rig {
+        Rig::with(name, opts())
+    }
+
+    fn with(name: &str, o: VmOptions) -> Rig {
+        let dir = temp_dir(&format!("vmm-{name}")).unwrap_or_else(|e| panic!("{e}"));
+        let backend = Backend::start(&dir, CID).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let vm = VirtualVm::start(backend.socket(), o).unwrap_or_else(|e| {
+            panic!(
+                "{:?}",
+                backend.attach(format!("{name}: start: {e}").into_err())
+            )
+        });
+        Rig {
+            name: name.to_string(),
+            vm: Some(vm),
+            backend,
+            dir,
+        }
+    }
+
+    fn vm(&self) -> &VirtualVm {
+        self.vm.as_ref().expect("no VM")
+    }
+
+    fn uds(&self) -> &Path {
+        self.backend.uds()
+    }
+
+    fn is_peer(&self) -> bool {
+        self.backend.kind() == BackendKind::Peer
+    }
+
+    /// True (and says why) when running against the peer, which has a
+    /// known bug in what follows.
+    fn skip_on_peer(&self, reason: &str) -> bool {
+        if self.is_peer() {
+            eprintln!("{}: SKIPPED with the peer backend: {reason}", self.name);
+            true
+        } else {
+            false
+        }
+    }
+
+    fn fail(&self, msg: impl std::fmt::Display) -> ! {
+        let state = self.vm.as_ref().map(|v| v.describe()).unwrap_or_default();
+        let e = format!(
+            "{} [backend {}]: {msg}",
+            self.name,
+            self.backend.kind().name()
+        )
+        .into_err()
+        .with_context("virtual VM", &state);
+        panic!("{:?}", self.backend.attach(e))
+    }
+
+    fn ok<V, E: std::fmt::Display>(&self, r: Result<V, E>, what: &str) -> V {
+        r.unwrap_or_else(|e| self.fail(format!("{what}: {e}")))
+    }
+
+    /// The device did nothing the driver found wrong, and the backend is
+    /// alive.
+    fn assert_clean(&mut self) {
+        let mut a = self.vm().anomalies();
+        if self.is_peer() {
+            let all = a.len();
+            a.retain(|m| !is_peer_empty_rx(m));
+            if a.len() < all {
+                eprintln!(
+                    "{}: ignoring {} device anomalies from a known peer bug: {PEER_EMPTY_RX}",
+                    self.name,
+                    all - a.len()
+                );
+            }
+        }
+        if !a.is_empty() {
+            self.fail(format!("device anomalies: {a:#?}"));
+        }
+        if !self.backend.is_running() {
+            self.fail("the backend exited");
+        }
+    }
+
+    /// A connected pair: guest-initiated (guest connects to `<uds>_port`)
+    /// or host-initiated (host CONNECTs to a guest listener).
+    fn pair(&self, port: u32, guest_initiated: bool) -> (VStream, UnixStream) {
+        let vm = self.vm();
+        let (g, h) = if guest_initiated {
+            let hl = self.ok(HostListener::bind(self.uds(), port), "bind host listener");
+            let g = self.ok(vm.connect(port), &format!("guest connect to {port}"));
+            let h = self.ok(hl.accept_timeout(T), "host accept");
+            (g, h)
+        } else {
+            let gl = self.ok(vm.listen(port), "guest listen");
+            let (h, _) = self.ok(
+                hybrid_connect_timeout(self.uds(), port, T),
+                &format!("host CONNECT {port}"),
+            );
+            let g = self.ok(gl.accept(T), "guest accept");
+            (g, h)
+        };
+        set_timeouts(&h);
+        (g, h)
+    }
+
+    /// Checks that a connection still carries bytes both ways.
+    fn check_pair(&self, g: &VStream, h: &UnixStream, seed: u64, what: &str) {
+        let n = 3000;
+        self.ok(guest_write(g, seed, 0, n), &format!("{what}: guest write"));
+        let r = self.ok(
+            read_verified(h, seed, Some(n)),
+            &format!("{what}: host read"),
+        );
+        self.check_report(&r, n, false, &format!("{what}: guest to host"));
+        self.ok(
+            write_verified(h, reply_seed(seed), n),
+            &format!("{what}: host write"),
+        );
+        let r = self.ok(
+            guest_read(g, reply_seed(seed), 0, Some(n)),
+            &format!("{what}: guest read"),
+        );
+        self.check_report(&r, n, false, &format!("{what}: host to guest"));
+    }
+
+    fn check_report(&self, r: &ReadReport, want: u64, eof: bool, what: &str) {
+        if r.received != want || r.first_bad.is_some() || (eof && !r.eof) {
+            self.fail(format!(
+                "{what}: expected {want} bytes{}, got {r:?}",
+                if eof { " then EOF" } else { "" }
+            ));
+        }
+    }
+}
+
+const PEER_EMPTY_RX: &str = "vhost-device-vsock 0.3.0 returns an RX buffer as a 44-byte \
+     packet without writing a header in it when an RX operation was queued for a connection \
+     it has since removed (thread_backend.rs recv_pkt returns Ok for a missing connection), so \
+     the guest reads whatever header the buffer held before";
+
+/// Whether a device anomaly is the one `PEER_EMPTY_RX` describes.
+fn is_peer_empty_rx(m: &str) -> bool {
+    m.contains("but the used length 44 leaves 0 bytes")
+        || m.starts_with("RX UNKNOWN from 0:0 to 0:0")
+        || m == "RX packet of type 0"
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.vm = None;
+        self.backend.stop();
+        if !thread::panicking() && !keep_files() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("{}: files kept in {}", self.name, self.dir.display());
+        }
+    }
+}
+
+/// `Error` from a message (the harness type carries log tails).
+trait IntoErr {
+    fn into_err(self) -> vsockd_tests::Error;
+}
+
+impl IntoErr for String {
+    fn into_err(self) -> vsockd_tests::Error {
+        vsockd_tests::Error::new(self)
+    }
+}
+
+fn set_timeouts(h: &UnixStream) {
+    h.set_read_timeout(Some(T)).expect("read timeout");
+    h.set_write_timeout(Some(T)).expect("write timeout");
+}
+
+/// Writes stream bytes `[offset, offset + bytes)` of `seed` from the guest.
+fn guest_write(s: &VStream, seed: u64, offset: u64, bytes: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 256 * KIB as usize];
+    let mut k = offset;
+    while k < offset + bytes {
+        let n = ((offset + bytes - k) as usize).min(buf.len());
+        pattern::fill(seed, k, &mut buf[..n]);
+        s.write_all(&buf[..n])?;
+        k += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads in the guest until EOF or `limit` (counted from the stream's
+/// start), verifying every byte.
+fn guest_read(s: &VStream, seed: u64, offset: u64, limit: Option<u64>) -> io::Result<ReadReport> {
+    guest_read_paced(s, seed, offset, limit, 64 * KIB as usize, None)
+}
+
+/// `guest_read` with reads of at most `chunk` bytes and a pause after each.
+fn guest_read_paced(
+    s: &VStream,
+    seed: u64,
+    offset: u64,
+    limit: Option<u64>,
+    chunk: usize,
+    pause: Option<Duration>,
+) -> io::Result<ReadReport> {
+    let mut v = Verifier::at(seed, offset);
+    let mut buf = vec![0u8; chunk];
+    loop {
+        let want = match limit {
+            Some(l) if v.received() >= l => {
+                return Ok(ReadReport {
+                    received: v.received(),
+                    first_bad: v.first_bad(),
+                    eof: false,
+                })
+            }
+            Some(l) => ((l - v.received()) as usize).min(buf.len()),
+            None => buf.len(),
+        };
+        match s.read(&mut buf[..want]) {
+            Ok(0) => {
+                return Ok(ReadReport {
+                    received: v.received(),
+                    first_bad: v.first_bad(),
+                    eof: true,
+                })
+            }
+            Ok(n) => v.feed(&buf[..n]),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{e} after {} bytes", v.received()),
+                ))
+            }
+        }
+        if let Some(p) = pause {
+            thread::sleep(p);
+        }
+    }
+}
+
+/// Host reads with a pause after each chunk.
+fn host_read_paced(
+    mut h: &UnixStream,
+    seed: u64,
+    limit: u64,
+    chunk: usize,
+    pause: Duration,
+) -> io::Result<ReadReport> {
+    let mut v = Verifier::new(seed);
+    let mut buf = vec![0u8; chunk];
+    while v.received() < limit {
+        let want = ((limit - v.received()) as usize).min(chunk);
+        match h.read(&mut buf[..want])? {
+            0 => break,
+            n => v.feed(&buf[..n]),
+        }
+        thread::sleep(pause);
+    }
+    Ok(ReadReport {
+        received: v.received(),
+        first_bad: v.first_bad(),
+        eof: false,
+    })
+}
+
+/// Waits for EOF (or an error such as a reset) on a host socket; returns
+/// what ended it.
+fn host_wait_end(mut h: &UnixStream) -> io::Result<String> {
+    let mut buf = [0u8; 4096];
+    loop {
+        match h.read(&mut buf) {
+            Ok(0) => return Ok("EOF".into()),
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                return Err(e)
+            }
+            Err(e) => return Ok(format!("error {e}")),
+        }
+    }
+}
+
+// ----- handshake -----
+
+#[test]
+fn handshake_and_start_follow_qemu() {
+    let mut rig = Rig::new("handshake");
+    let vm = rig.vm();
+    let n = vm.negotiated().expect("connected");
+    assert_eq!(n.guest_cid, u64::from(CID), "GET_CONFIG guest CID");
+    assert!(n.acked_features & (1 << 32) != 0, "VERSION_1 acked");
+    assert!(n.acked_features & (1 << 30) != 0, "PROTOCOL_FEATURES acked");
+    assert!(n.backend_queues.unwrap_or(0) >= 2, "GET_QUEUE_NUM: {n:?}");
+    let reqs = vm.vhost_requests();
+    let names: Vec<&str> = reqs
+        .iter()
+        .map(|r| r.split(' ').next().unwrap_or(""))
+        .collect();
+    let want = [
+        "GET_FEATURES",
+        "GET_PROTOCOL_FEATURES",
+        "SET_PROTOCOL_FEATURES",
+        "GET_QUEUE_NUM",
+        "SET_OWNER",
+        "GET_FEATURES",
+        "GET_CONFIG",
+        "SET_FEATURES",
+        "SET_MEM_TABLE",
+        "SET_VRING_NUM",
+        "SET_VRING_BASE",
+        "SET_VRING_ADDR",
+        "SET_VRING_KICK",
+        "SET_VRING_CALL",
+        "SET_VRING_NUM",
+        "SET_VRING_BASE",
+        "SET_VRING_ADDR",
+        "SET_VRING_KICK",
+        "SET_VRING_CALL",
+        "SET_VRING_ENABLE",
+        "SET_VRING_ENABLE",
+    ];
+    assert_eq!(names, want, "{reqs:?}");
+    // The device works.
+    let (g, h) = rig.pair(5001, true);
+    rig.check_pair(&g, &h, 1, "after the handshake");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+// ----- bulk transfers, one per TX layout -----
+
+/// 16 MiB each way at once on one connection, then a clean close.
+fn bulk(name: &str, o: VmOptions, guest_initiated: bool, peer_bug: Option<&str>) {
+    let mut rig = Rig::with(name, o);
+    if let Some(why) = peer_bug {
+        if rig.skip_on_peer(why) {
+            return;
+        }
+    }
+    let size = 16 * MIB;
+    let (g, h) = rig.pair(6000, guest_initiated);
+    let (up, down) = (0x5500, 0x5501);
+    let start = Instant::now();
+    thread::scope(|sc| {
+        let host_reader = sc.spawn(|| read_verified(&h, up, Some(size)));
+        let host_writer = sc.spawn(|| write_verified(&h, down, size));
+        let guest_reader = sc.spawn(|| guest_read(&g, down, 0, Some(size)));
+        rig.ok(guest_write(&g, up, 0, size), "guest write");
+        let r = rig.ok(host_reader.join().expect("thread"), "host read");
+        rig.check_report(&r, size, false, "guest to host");
+        rig.ok(host_writer.join().expect("thread"), "host write");
+        let r = rig.ok(guest_reader.join().expect("thread"), "guest read");
+        rig.check_report(&r, size, false, "host to guest");
+    });
+    let took = start.elapsed();
+    rig.ok(g.close(), "guest close");
+    let end = rig.ok(host_wait_end(&h), "host sees the close");
+    let s = rig.vm().stats();
+    eprintln!(
+        "{name}: 2 x 16 MiB in {:.2} s; {end}; tx {} packets, rx {} packets, calls {:?}, kicks {:?}",
+        took.as_secs_f64(),
+        s.tx_packets,
+        s.rx_packets,
+        s.calls,
+        s.kicks
+    );
+    rig.assert_clean();
+}
+
+#[test]
+fn bulk_16mib_header_and_payload_in_one_descriptor() {
+    // Guest memory above 4 GiB and 256-entry queues, too.
+    bulk(
+        "bulk-single",
+        VmOptions {
+            tx_layout: TxLayout::Single,
+            mem_base: 1 << 32,
+            queue_size: 256,
+            ..opts()
+        },
+        true,
+        None,
+    );
+}
+
+#[test]
+fn bulk_16mib_header_then_payload_split_rx_buffers() {
+    bulk(
+        "bulk-two",
+        VmOptions {
+            tx_layout: TxLayout::HeaderThenPayload,
+            rx_split_header: true,
+            ..opts()
+        },
+        false,
+        None,
+    );
+}
+
+#[test]
+fn bulk_16mib_without_event_idx() {
+    bulk(
+        "bulk-no-event-idx",
+        VmOptions {
+            event_idx: false,
+            ..opts()
+        },
+        true,
+        None,
+    );
+}
+
+#[test]
+fn bulk_16mib_payload_over_several_descriptors() {
+    bulk(
+        "bulk-scatter",
+        VmOptions {
+            tx_layout: TxLayout::PayloadSplit(7),
+            ..opts()
+        },
+        true,
+        Some(
+            "vhost-device-vsock 0.3.0 (virtio-vsock 0.10) takes the payload from one \
+             descriptor only: a packet whose payload spans several is dropped, its chain \
+             never returned, and the stream stalls",
+        ),
+    );
+}
+
+#[test]
+fn bulk_16mib_header_across_descriptors() {
+    bulk(
+        "bulk-header-split",
+        VmOptions {
+            tx_layout: TxLayout::HeaderSplit(20),
+            ..opts()
+        },
+        false,
+        Some(
+            "vhost-device-vsock 0.3.0 (virtio-vsock 0.10) wants the whole header in the \
+             first descriptor: such a packet is dropped and its chain never returned",
+        ),
+    );
+}
+
+// ----- stream semantics -----
+
+const PEER_HALF_CLOSE: &str = "vhost-device-vsock 0.3.0 acts on a guest SHUTDOWN only when it \
+     carries both flags and its buffer is empty (vsock_conn.rs send_pkt), so a guest \
+     SHUT_WR never reaches the host as EOF and a guest close with bytes still buffered \
+     is never answered";
+
+#[test]
+fn half_close_each_way() {
+    let mut rig = Rig::new("half-close");
+    if rig.skip_on_peer(PEER_HALF_CLOSE) {
+        return;
+    }
+    // The guest shuts down writing while the backend still buffers its
+    // bytes; the host reads them all, then EOF, and keeps writing.
+    let (g, h) = rig.pair(6100, true);
+    let size = 2 * MIB;
+    thread::scope(|sc| {
+        let w = sc.spawn(|| {
+            guest_write(&g, 1, 0, size)?;
+            g.shutdown_write()
+        });
+        thread::sleep(Duration::from_millis(300));
+        let r = rig.ok(read_verified(&h, 1, None), "host read to EOF");
+        rig.check_report(&r, size, true, "guest to host, then EOF");
+        rig.ok(w.join().expect("thread"), "guest write and SHUT_WR");
+    });
+    rig.ok(
+        write_verified(&h, 2, 300 * KIB),
+        "host writes after guest EOF",
+    );
+    let r = rig.ok(guest_read(&g, 2, 0, Some(300 * KIB)), "guest read");
+    rig.check_report(&r, 300 * KIB, false, "host to guest after half close");
+    drop(h);
+    let r = rig.ok(guest_read(&g, 2, 300 * KIB, None), "guest reads EOF");
+    if !r.eof || r.received != 300 * KIB {
+        rig.fail(format!("guest after host close: {r:?}"));
+    }
+    rig.ok(g.close(), "guest close");
+
+    // The host shuts down writing; the guest reads EOF and keeps writing.
+    let (g, h) = rig.pair(6101, false);
+    rig.ok(write_verified(&h, 3, 70 * KIB), "host write");
+    rig.ok(h.shutdown(Shutdown::Write), "host SHUT_WR");
+    let r = rig.ok(guest_read(&g, 3, 0, None), "guest read to EOF");
+    rig.check_report(&r, 70 * KIB, true, "host to guest, then EOF");
+    thread::scope(|sc| {
+        let reader = sc.spawn(|| read_verified(&h, 4, Some(MIB)));
+        rig.ok(guest_write(&g, 4, 0, MIB), "guest writes after host EOF");
+        let r = rig.ok(reader.join().expect("thread"), "host read");
+        rig.check_report(&r, MIB, false, "guest to host after half close");
+    });
+    rig.ok(g.close(), "guest close");
+    let r = rig.ok(read_verified_at(&h, 4, MIB, None), "host reads EOF");
+    rig.check_report(&r, MIB, true, "host sees EOF after the guest close");
+    rig.assert_clean();
+}
+
+#[test]
+fn close_with_bytes_in_flight_each_way() {
+    let mut rig = Rig::new("close-in-flight");
+    if rig.skip_on_peer(PEER_HALF_CLOSE) {
+        return;
+    }
+    // The guest closes while the backend holds bytes the host has not read:
+    // every byte reaches the host before its EOF, and the close completes.
+    let (g, h) = rig.pair(6150, true);
+    let size = 2 * MIB;
+    thread::scope(|sc| {
+        let w = sc.spawn(|| {
+            guest_write(&g, 5, 0, size)?;
+            g.close()
+        });
+        thread::sleep(Duration::from_millis(300));
+        let r = rig.ok(read_verified(&h, 5, None), "host read to EOF");
+        rig.check_report(&r, size, true, "guest to host, then EOF");
+        rig.ok(w.join().expect("thread"), "guest write and close");
+    });
+    // The host writes and closes at once: the guest gets every byte, then
+    // EOF, and its writes fail.
+    let (g, h) = rig.pair(6151, false);
+    thread::scope(|sc| {
+        sc.spawn(move || {
+            let r = write_verified(&h, 6, size);
+            drop(h);
+            r
+        });
+        let r = rig.ok(guest_read(&g, 6, 0, None), "guest read to EOF");
+        rig.check_report(&r, size, true, "host to guest, then EOF");
+    });
+    match g.write(b"late") {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        other => rig.fail(format!("guest write after host close: {other:?}")),
+    }
+    rig.ok(g.close(), "guest close");
+    rig.assert_clean();
+}
+
+#[test]
+fn host_bytes_sent_with_the_connect_line_arrive_first() {
+    let mut rig = Rig::new("connect-line");
+    if rig.skip_on_peer(
+        "vhost-device-vsock 0.3.0 reads the CONNECT line through a BufReader it then drops \
+         (vhu_vsock_thread.rs read_local_stream_port): bytes after the newline are lost",
+    ) {
+        return;
+    }
+    let gl = rig.ok(rig.vm().listen(6160), "listen");
+    let mut h = rig.ok(UnixStream::connect(rig.uds()), "connect");
+    set_timeouts(&h);
+    let mut msg = b"CONNECT 6160\n".to_vec();
+    let mut data = vec![0u8; 100 * KIB as usize];
+    pattern::fill(7, 0, &mut data);
+    msg.extend_from_slice(&data);
+    rig.ok(h.write_all(&msg), "CONNECT line and data in one write");
+    rig.ok(read_ok_line(&mut h), "OK line");
+    let g = rig.ok(gl.accept(T), "accept");
+    let r = rig.ok(guest_read(&g, 7, 0, Some(100 * KIB)), "guest read");
+    rig.check_report(&r, 100 * KIB, false, "bytes after the CONNECT line");
+    rig.check_pair(&g, &h, 8, "after the prefix");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+#[test]
+fn connect_to_a_port_nobody_listens_on_is_reset() {
+    let mut rig = Rig::new("refused");
+    if rig.skip_on_peer(
+        "vhost-device-vsock 0.3.0 never answers a REQUEST it cannot connect with RST \
+         (thread_backend.rs enq_rst is a TODO): the guest's connect times out",
+    ) {
+        return;
+    }
+    let t = Instant::now();
+    match rig.vm().connect(6200) {
+        Ok(_) => rig.fail("connect to a port without listener succeeded"),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => rig.fail(format!("connect: {e} ({:?}), expected a reset", e.kind())),
+    }
+    if t.elapsed() > Duration::from_secs(2) {
+        rig.fail(format!("the reset took {:?}", t.elapsed()));
+    }
+    // A host CONNECT to a guest port without listener gets no OK.
+    let r = hybrid_connect_timeout(rig.uds(), 6201, Duration::from_secs(5));
+    if r.is_ok() {
+        rig.fail("host CONNECT to an unbound guest port succeeded");
+    }
+    let (g, h) = rig.pair(6202, true);
+    rig.check_pair(&g, &h, 5, "after the refusals");
+    rig.assert_clean();
+}
+
+// ----- ring and credit pressure -----
+
+#[test]
+fn full_rx_ring_then_everything_arrives() {
+    // 32 RX buffers of 4 KiB hold less than the credit of one connection.
+    let mut rig = Rig::with(
+        "full-rx",
+        VmOptions {
+            queue_size: 32,
+            ..opts()
+        },
+    );
+    let vm = rig.vm();
+    let pairs: Vec<(VStream, UnixStream)> =
+        (0..3).map(|i| rig.pair(6300 + i, i % 2 == 0)).collect();
+    vm.hold_rx_buffers(true);
+    let size = 512 * KIB;
+    thread::scope(|sc| {
+        let writers: Vec<_> = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (_, h))| sc.spawn(move || write_verified(h, 100 + i as u64, size)))
+            .collect();
+        if !vm.wait_rx_exhausted(T) {
+            rig.fail("the device did not use up the RX buffers");
+        }
+        let used = vm.stats().used[0];
+        thread::sleep(Duration::from_millis(300));
+        if vm.stats().used[0] != used {
+            rig.fail("RX buffers used while none were posted");
+        }
+        vm.hold_rx_buffers(false);
+        for (i, (g, _)) in pairs.iter().enumerate() {
+            let r = rig.ok(guest_read(g, 100 + i as u64, 0, Some(size)), "guest read");
+            rig.check_report(&r, size, false, &format!("connection {i}"));
+        }
+        for w in writers {
+            rig.ok(w.join().expect("thread"), "host write");
+        }
+    });
+    for (i, (g, h)) in pairs.iter().enumerate() {
+        rig.check_pair(g, h, 200 + i as u64, "after the RX ring ran dry");
+    }
+    rig.assert_clean();
+}
+
+#[test]
+fn credit_guest_app_not_reading_blocks_the_host() {
+    let mut rig = Rig::new("credit-guest");
+    let vm = rig.vm();
+    let (g, h) = rig.pair(6400, false);
+    let size = 4 * MIB;
+    let buf_alloc = u64::from(vm.options().buf_alloc);
+    thread::scope(|sc| {
+        let writer = sc.spawn(|| write_verified(&h, 7, size));
+        // The guest reads nothing: the device may deliver at most buf_alloc.
+        let deadline = Instant::now() + T;
+        loop {
+            let info = rig.ok(g.info(), "info");
+            if u64::from(info.rx_buffered) >= buf_alloc {
+                break;
+            }
+            if Instant::now() > deadline {
+                rig.fail(format!("guest buffer never filled: {info:?}"));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        thread::sleep(Duration::from_millis(500));
+        let info = rig.ok(g.info(), "info");
+        if u64::from(info.rx_buffered) > buf_alloc || vm.stats().credit_violations > 0 {
+            rig.fail(format!("credit overrun: {info:?}"));
+        }
+        if writer.is_finished() {
+            rig.fail("the host wrote 4 MiB into a guest that reads nothing");
+        }
+        let r = rig.ok(guest_read(&g, 7, 0, Some(size)), "guest read");
+        rig.check_report(&r, size, false, "after the guest started reading");
+        rig.ok(writer.join().expect("thread"), "host write");
+    });
+    rig.check_pair(&g, &h, 8, "after the credit stall");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+#[test]
+fn credit_host_not_reading_blocks_the_guest() {
+    let mut rig = Rig::new("credit-host");
+    let (g, h) = rig.pair(6500, true);
+    let size = 4 * MIB;
+    thread::scope(|sc| {
+        let writer = sc.spawn(|| guest_write(&g, 9, 0, size));
+        thread::sleep(Duration::from_millis(700));
+        let info = rig.ok(g.info(), "info");
+        if writer.is_finished() {
+            rig.fail(format!(
+                "the guest wrote 4 MiB to a host that reads nothing: {info:?}"
+            ));
+        }
+        let in_flight = info.tx_cnt.wrapping_sub(info.peer_fwd_cnt);
+        if in_flight > info.peer_buf_alloc {
+            rig.fail(format!("guest sent beyond the credit: {info:?}"));
+        }
+        let r = rig.ok(read_verified(&h, 9, Some(size)), "host read");
+        rig.check_report(&r, size, false, "after the host started reading");
+        rig.ok(writer.join().expect("thread"), "guest write");
+    });
+    rig.check_pair(&g, &h, 10, "after the credit stall");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+#[test]
+fn guest_writes_while_its_receive_buffer_is_full() {
+    // A guest application that sends a large request before reading the
+    // reply the host already streams.
+    let mut rig = Rig::new("write-while-full");
+    if rig.skip_on_peer(
+        "vhost-device-vsock 0.3.0 answers every chance to send to a guest without credit with a \
+         CREDIT_REQUEST (vsock_conn.rs recv_pkt), a request/update storm during which the \
+         guest's own stream stalls (its writes time out or the host misses the last bytes) \
+         in about half the runs",
+    ) {
+        return;
+    }
+    let vm = rig.vm();
+    let (g, h) = rig.pair(6550, true);
+    let size = 2 * MIB;
+    let buf_alloc = vm.options().buf_alloc;
+    thread::scope(|sc| {
+        let hw = sc.spawn(|| write_verified(&h, 13, size));
+        let deadline = Instant::now() + T;
+        while rig.ok(g.info(), "info").rx_buffered < buf_alloc {
+            if Instant::now() > deadline {
+                rig.fail("the guest receive buffer never filled");
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let hr = sc.spawn(|| read_verified(&h, 14, Some(size)));
+        rig.ok(
+            guest_write(&g, 14, 0, size),
+            "guest write with a full receive buffer",
+        );
+        let r = rig.ok(hr.join().expect("thread"), "host read");
+        rig.check_report(&r, size, false, "guest to host");
+        let r = rig.ok(guest_read(&g, 13, 0, Some(size)), "guest read");
+        rig.check_report(&r, size, false, "host to guest");
+        rig.ok(hw.join().expect("thread"), "host write");
+    });
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+#[test]
+fn slow_readers_both_ways() {
+    let mut rig = Rig::new("slow");
+    let (g, h) = rig.pair(6600, true);
+    let size = 2 * MIB;
+    thread::scope(|sc| {
+        let host_reader =
+            sc.spawn(|| host_read_paced(&h, 11, size, 3000, Duration::from_micros(500)));
+        let host_writer = sc.spawn(|| write_verified(&h, 12, size));
+        let guest_reader = sc.spawn(|| {
+            guest_read_paced(
+                &g,
+                12,
+                0,
+                Some(size),
+                1500,
+                Some(Duration::from_micros(300)),
+            )
+        });
+        rig.ok(guest_write(&g, 11, 0, size), "guest write");
+        let r = rig.ok(host_reader.join().expect("thread"), "slow host read");
+        rig.check_report(&r, size, false, "guest to slow host");
+        rig.ok(host_writer.join().expect("thread"), "host write");
+        let r = rig.ok(guest_reader.join().expect("thread"), "slow guest read");
+        rig.check_report(&r, size, false, "host to slow guest");
+    });
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+// ----- many connections -----
+
+const MANY: usize = 1000;
+
+fn payload_len(i: usize) -> u64 {
+    500 + (i as u64 * 37) % 1500
+}
+
+#[test]
+fn thousand_connections_host_initiated() {
+    let mut rig = Rig::new("many-host");
+    let vm = rig.vm();
+    let port = 6700;
+    let gl = rig.ok(vm.listen(port), "listen");
+    let base = 0x10_0000;
+    let mut hosts = Vec::with_capacity(MANY);
+    for i in 0..MANY {
+        let (h, _) = rig.ok(
+            hybrid_connect_timeout(rig.uds(), port, T),
+            &format!("host CONNECT #{i}"),
+        );
+        set_timeouts(&h);
+        rig.ok(
+            write_verified(&h, base + i as u64, payload_len(i)),
+            "host write",
+        );
+        hosts.push(h);
+    }
+    let mut guests = Vec::with_capacity(MANY);
+    for i in 0..MANY {
+        guests.push(rig.ok(gl.accept(T), &format!("guest accept #{i}")));
+    }
+    // Each guest stream tells its seed by its first bytes, and answers.
+    for (k, g) in guests.iter().enumerate() {
+        let mut first = [0u8; 8];
+        let mut n = 0;
+        while n < 8 {
+            n += rig.ok(g.read(&mut first[n..]), "guest read");
+        }
+        let seed = pattern::identify(&first, base, MANY as u64)
+            .unwrap_or_else(|| rig.fail(format!("guest stream {k}: unknown seed")));
+        let i = (seed - base) as usize;
+        let mut v = Verifier::new(seed);
+        v.feed(&first);
+        let r = rig.ok(guest_read(g, seed, 8, Some(payload_len(i))), "guest read");
+        rig.check_report(&r, payload_len(i), false, &format!("host connection {i}"));
+        rig.ok(
+            guest_write(g, reply_seed(seed), 0, payload_len(i)),
+            "guest reply",
+        );
+    }
+    for (i, h) in hosts.iter().enumerate() {
+        let r = rig.ok(
+            read_verified(h, reply_seed(base + i as u64), Some(payload_len(i))),
+            "host read",
+        );
+        rig.check_report(
+            &r,
+            payload_len(i),
+            false,
+            &format!("reply on connection {i}"),
+        );
+    }
+    for g in guests {
+        rig.ok(g.close(), "guest close");
+    }
+    for h in &hosts {
+        rig.ok(host_wait_end(h), "host sees the close");
+    }
+    if rig.vm().conn_count() != 0 {
+        rig.fail(format!("{} connections left", rig.vm().conn_count()));
+    }
+    rig.assert_clean();
+}
+
+#[test]
+fn thousand_connections_guest_initiated() {
+    let mut rig = Rig::new("many-guest");
+    let vm = rig.vm();
+    let port = 6800;
+    let hl = rig.ok(HostListener::bind(rig.uds(), port), "bind");
+    let base = 0x20_0000;
+    thread::scope(|sc| {
+        // The host accepts everything, identifies each stream by its first
+        // bytes and answers it.
+        let host = sc.spawn(|| -> Result<Vec<UnixStream>, String> {
+            let mut hs = Vec::with_capacity(MANY);
+            for i in 0..MANY {
+                let h = hl
+                    .accept_timeout(T)
+                    .map_err(|e| format!("host accept #{i}: {e}"))?;
+                set_timeouts(&h);
+                hs.push(h);
+            }
+            for (k, mut h) in hs.iter().enumerate() {
+                let mut first = [0u8; 8];
+                h.read_exact(&mut first)
+                    .map_err(|e| format!("host read #{k}: {e}"))?;
+                let seed = pattern::identify(&first, base, MANY as u64)
+                    .ok_or_else(|| format!("host stream {k}: unknown seed"))?;
+                let i = (seed - base) as usize;
+                let r = read_verified_at(h, seed, 8, Some(payload_len(i)))
+                    .map_err(|e| format!("host read #{k}: {e}"))?;
+                if r.received != payload_len(i) || r.first_bad.is_some() {
+                    return Err(format!("guest connection {i}: {r:?}"));
+                }
+                write_verified(h, reply_seed(seed), payload_len(i))
+                    .map_err(|e| format!("host write #{k}: {e}"))?;
+            }
+            Ok(hs)
+        });
+        let mut guests = Vec::with_capacity(MANY);
+        for i in 0..MANY {
+            let g = rig.ok(vm.connect(port), &format!("guest connect #{i}"));
+            rig.ok(
+                guest_write(&g, base + i as u64, 0, payload_len(i)),
+                "guest write",
+            );
+            guests.push(g);
+        }
+        for (i, g) in guests.iter().enumerate() {
+            let r = rig.ok(
+                guest_read(g, reply_seed(base + i as u64), 0, Some(payload_len(i))),
+                "guest read",
+            );
+            rig.check_report(
+                &r,
+                payload_len(i),
+                false,
+                &format!("reply on connection {i}"),
+            );
+        }
+        let hs = rig.ok(host.join().expect("thread"), "host side");
+        for g in guests {
+            rig.ok(g.close(), "guest close");
+        }
+        for h in &hs {
+            rig.ok(host_wait_end(h), "host sees the close");
+        }
+    });
+    rig.assert_clean();
+}
+
+// ----- malformed input -----
+
+#[test]
+fn malformed_tx_chains_are_returned_and_connections_survive() {
+    let mut rig = Rig::new("malformed");
+    let vm = rig.vm();
+    let (g, h) = rig.pair(6900, true);
+    // A host listener the malformed REQUESTs aim at: none may connect.
+    let spoof = rig.ok(HostListener::bind(rig.uds(), 6901), "bind");
+    let cid = vm.guest_cid();
+    let end = vm.memory_end();
+    let qsize = vm.options().queue_size;
+    let hdr = |op: u16, len: u32, sport: u32| Header {
+        src_cid: cid,
+        dst_cid: 2,
+        src_port: sport,
+        dst_port: 6999,
+        len,
+        type_: 1,
+        op,
+        flags: 0,
+        buf_alloc: 65536,
+        fwd_cnt: 0,
+    };
+    let bytes = |h: Header| h.to_bytes().to_vec();
+    let fill = |n: usize| vec![0xa5u8; n];
+    let mut cases: Vec<(&str, Vec<RawDesc>)> = vec![
+        (
+            "address past the end of memory",
+            vec![RawDesc::at(end + 0x1000, 64)],
+        ),
+        (
+            "buffer crossing the end of memory",
+            vec![RawDesc::at(end - 16, 64)],
+        ),
+        (
+            "address that overflows",
+            vec![RawDesc::at(u64::MAX - 8, 64)],
+        ),
+        ("zero-length descriptor", vec![RawDesc::data(Vec::new())]),
+        (
+            "length 4 GiB - 1",
+            vec![RawDesc::data(bytes(hdr(OP_RW, 0, 40001))).len(u32::MAX)],
+        ),
+        (
+            "payload descriptor outside memory",
+            vec![
+                RawDesc::data(bytes(hdr(OP_RW, 100, 40002))),
+                RawDesc::at(end + 0x10000, 100),
+            ],
+        ),
+        (
+            "two-descriptor loop",
+            vec![
+                RawDesc::data(bytes(hdr(OP_RW, 100, 40003))).link(Link::Entry(1)),
+                RawDesc::data(fill(100)).link(Link::Entry(0)),
+            ],
+        ),
+        (
+            "descriptor chained to itself",
+            vec![RawDesc::data(bytes(hdr(OP_REQUEST, 0, 40004))).link(Link::Entry(0))],
+        ),
+        (
+            "next index out of range",
+            vec![RawDesc::data(bytes(hdr(OP_REQUEST, 0, 40005))).link(Link::Index(qsize + 5))],
+        ),
+        (
+            "device-writable descriptor on TX",
+            vec![RawDesc::data(bytes(hdr(OP_REQUEST, 0, 40006))).writable()],
+        ),
+        (
+            "readable header, writable payload",
+            vec![
+                RawDesc::data(bytes(hdr(OP_RW, 100, 40007))),
+                RawDesc::data(fill(100)).writable(),
+            ],
+        ),
+        (
+            "indirect descriptor (not negotiated)",
+            vec![RawDesc::data(fill(32)).flags(DESC_F_INDIRECT)],
+        ),
+        ("chain shorter than a header", vec![RawDesc::data(fill(20))]),
+        (
+            "header cut short over two descriptors",
+            vec![
+                RawDesc::data(bytes(hdr(OP_REQUEST, 0, 40008))[..20].to_vec()),
+                RawDesc::data(bytes(hdr(OP_REQUEST, 0, 40008))[20..30].to_vec()),
+            ],
+        ),
+        (
+            "len 1000 with 10 bytes of payload",
+            vec![
+                RawDesc::data(bytes(hdr(OP_RW, 1000, 40009))),
+                RawDesc::data(fill(10)),
+            ],
+        ),
+        (
+            "len 0 with 100 bytes of payload",
+            vec![
+                RawDesc::data(bytes(hdr(OP_RW, 0, 40010))),
+                RawDesc::data(fill(100)),
+            ],
+        ),
+        (
+            "len over 64 KiB",
+            vec![
+                RawDesc::data(bytes(hdr(OP_RW, 70000, 40011))),
+                RawDesc::data(fill(70000)),
+            ],
+        ),
+        (
+            "len 4 GiB - 1",
+            vec![
+                RawDesc::data(bytes(hdr(OP_RW, u32::MAX, 40012))),
+                RawDesc::data(fill(16)),
+            ],
+        ),
+        ("op 0", vec![RawDesc::data(bytes(hdr(0, 0, 40013)))]),
+        ("op 99", vec![RawDesc::data(bytes(hdr(99, 0, 40014)))]),
+        (
+            "seqpacket REQUEST",
+            vec![RawDesc::data(bytes(Header {
+                type_: TYPE_SEQPACKET,
+                dst_port: 6901,
+                ..hdr(OP_REQUEST, 0, 40015)
+            }))],
+        ),
+        (
+            "type 99 REQUEST",
+            vec![RawDesc::data(bytes(Header {
+                type_: 99,
+                dst_port: 6901,
+                ..hdr(OP_REQUEST, 0, 40016)
+            }))],
+        ),
+        (
+            "REQUEST with a spoofed source CID",
+            vec![RawDesc::data(bytes(Header {
+                src_cid: 99,
+                dst_port: 6901,
+                ..hdr(OP_REQUEST, 0, 40017)
+            }))],
+        ),
+        (
+            "REQUEST to a CID other than the host",
+            vec![RawDesc::data(bytes(Header {
+                dst_cid: 5,
+                dst_port: 6901,
+                ..hdr(OP_REQUEST, 0, 40018)
+            }))],
+        ),
+        (
+            "RW for no connection",
+            vec![
+                RawDesc::data(bytes(hdr(OP_RW, 10, 40019))),
+                RawDesc::data(fill(10)),
+            ],
+        ),
+        (
+            "RESPONSE for no connection",
+            vec![RawDesc::data(bytes(hdr(OP_RESPONSE, 0, 40020)))],
+        ),
+        (
+            "SHUTDOWN for no connection",
+            vec![RawDesc::data(bytes(Header {
+                flags: SHUTDOWN_BOTH,
+                ..hdr(OP_SHUTDOWN, 0, 40021)
+            }))],
+        ),
+        (
+            "CREDIT_UPDATE for no connection",
+            vec![RawDesc::data(bytes(hdr(OP_CREDIT_UPDATE, 0, 40022)))],
+        ),
+        (
+            "header and payload in one descriptor, len too long",
+            vec![RawDesc::data({
+                let mut b = bytes(hdr(OP_RW, 500, 40023));
+                b.extend(fill(50));
+                b
+            })],
+        ),
+    ];
+    // vhost-device-vsock 0.3.0 drops a TX chain it cannot parse without
+    // returning it to the used ring (vhu_vsock_thread.rs process_tx_queue:
+    // `continue`), so these chains leak.
+    let leaked = "vhost-device-vsock 0.3.0 never returns a TX chain it cannot parse";
+    let peer_skips: &[(&str, &str)] = &[
+        ("address past the end of memory", leaked),
+        ("buffer crossing the end of memory", leaked),
+        ("address that overflows", leaked),
+        ("zero-length descriptor", leaked),
+        ("payload descriptor outside memory", leaked),
+        ("device-writable descriptor on TX", leaked),
+        ("readable header, writable payload", leaked),
+        ("indirect descriptor (not negotiated)", leaked),
+        ("chain shorter than a header", leaked),
+        ("header cut short over two descriptors", leaked),
+        ("len 1000 with 10 bytes of payload", leaked),
+        ("len over 64 KiB", leaked),
+        ("len 4 GiB - 1", leaked),
+        ("header and payload in one descriptor, len too long", leaked),
+    ];
+    for (k, (name, descs)) in cases.drain(..).enumerate() {
+        if let Some((_, why)) = peer_skips.iter().find(|(n, _)| *n == name) {
+            if rig.skip_on_peer(&format!("case {name:?}: {why}")) {
+                continue;
+            }
+        }
+        let inj = rig.ok(vm.inject_tx_raw(&descs), &format!("inject {name}"));
+        if !inj.returned {
+            rig.fail(format!(
+                "malformed chain {name:?} was not returned to the used ring"
+            ));
+        }
+        rig.check_pair(&g, &h, 0x7000 + k as u64, &format!("after {name:?}"));
+    }
+    // An available-ring entry naming no descriptor of the ring.
+    rig.ok(vm.inject_head(TX, qsize + 3), "inject an out-of-range head");
+    rig.check_pair(&g, &h, 0x7100, "after an out-of-range head");
+    if spoof.accept_timeout(Duration::from_millis(200)).is_ok() {
+        rig.fail("a malformed REQUEST reached a host listener");
+    }
+    let s = rig.vm().stats();
+    eprintln!(
+        "malformed: {} RST received for the malformed packets",
+        s.rst_received
+    );
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+#[test]
+fn malformed_rx_buffers_are_returned_and_no_byte_is_lost() {
+    // 32 RX buffers hold less than one connection's credit, so the host can
+    // use them all up.
+    let mut rig = Rig::with(
+        "malformed-rx",
+        VmOptions {
+            queue_size: 32,
+            ..opts()
+        },
+    );
+    let vm = rig.vm();
+    let (g, h) = rig.pair(6950, true);
+    let end = vm.memory_end();
+    let mut seed = 0x7200;
+    let w = |n: usize| RawDesc::data(vec![0u8; n]).writable();
+    let cases: Vec<(&str, Vec<RawDesc>)> = vec![
+        ("read-only buffer", vec![RawDesc::data(vec![0u8; 4096])]),
+        ("buffer smaller than a header", vec![w(10)]),
+        ("zero-length buffer", vec![w(0)]),
+        (
+            "buffer outside guest memory",
+            vec![RawDesc::at(end + 0x1000, 4096).writable()],
+        ),
+        (
+            "two-descriptor loop",
+            vec![w(100).link(Link::Entry(1)), w(100).link(Link::Entry(0))],
+        ),
+        (
+            "writable then readable descriptor",
+            vec![w(4096), RawDesc::data(vec![0u8; 100])],
+        ),
+        // Valid for the spec: the device may write the header across both.
+        ("header across two descriptors", vec![w(20), w(4000)]),
+    ];
+    for (name, descs) in cases {
+        if name == "two-descriptor loop"
+            && rig.skip_on_peer(
+                "case \"two-descriptor loop\": vhost-device-vsock 0.3.0 (virtio-vsock 0.10) does \
+                 not see the loop and writes into the chain, the payload at the start of the \
+                 second descriptor instead of right after the header, where the driver does \
+                 not look for it",
+            )
+        {
+            continue;
+        }
+        // Each case: one host stream of `sent` bytes with its own seed.
+        seed += 2;
+        let mut sent = 0u64;
+        vm.hold_rx_buffers(true);
+        // The host uses up every posted buffer.
+        let deadline = Instant::now() + T;
+        while vm.rx_posted() > 0 {
+            if Instant::now() > deadline {
+                rig.fail(format!("{name}: RX buffers never used up"));
+            }
+            rig.ok(write_verified_at(&h, seed, sent, 4000), "host write");
+            sent += 4000;
+            thread::sleep(Duration::from_millis(2));
+        }
+        let inj = thread::scope(|sc| {
+            let inj = sc.spawn(|| vm.inject_raw(RX, &descs, Duration::from_secs(5)));
+            thread::sleep(Duration::from_millis(20));
+            rig.ok(write_verified_at(&h, seed, sent, 10), "host write");
+            inj.join().expect("thread")
+        });
+        sent += 10;
+        let inj = rig.ok(inj, &format!("inject {name}"));
+        if !inj.returned {
+            rig.fail(format!("malformed RX chain {name:?} was not returned"));
+        }
+        vm.hold_rx_buffers(false);
+        let r = rig.ok(
+            guest_read(&g, seed, 0, Some(sent)),
+            &format!("guest read after {name:?}"),
+        );
+        rig.check_report(&r, sent, false, &format!("host to guest around {name:?}"));
+        rig.check_pair(&g, &h, seed + 1, &format!("after {name:?}"));
+    }
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+/// Regression: a driver reset was missed when both rings stopped at index 0
+/// (65536 chains each, modulo 2^16), because only the base was compared; the
+/// connections the guest forgot stayed open on the host. The ring addresses
+/// are now compared too.
+#[test]
+fn driver_reset_when_both_rings_stopped_at_index_zero() {
+    // One byte per TX packet and per RX buffer makes the ring indices easy
+    // to steer.
+    let mut rig = Rig::with(
+        "reset-wrap",
+        VmOptions {
+            rx_buf_size: 45,
+            tx_max_payload: 1,
+            ..opts()
+        },
+    );
+    let vm = rig.vm();
+    let (g, h) = rig.pair(7150, true);
+    // REQUEST (TX) and RESPONSE (RX) are in; 65535 more chains each.
+    let n = 65535;
+    thread::scope(|sc| {
+        let hr = sc.spawn(|| read_verified(&h, 31, Some(n)));
+        rig.ok(guest_write(&g, 31, 0, n), "guest write");
+        let r = rig.ok(hr.join().expect("thread"), "host read");
+        rig.check_report(&r, n, false, "guest to host");
+    });
+    rig.ok(write_verified(&h, 32, n), "host write");
+    let r = rig.ok(guest_read(&g, 32, 0, Some(n)), "guest read");
+    rig.check_report(&r, n, false, "host to guest");
+    if !vm.wait_tx_idle(T) {
+        rig.fail("TX never idle");
+    }
+    let used = vm.stats().used;
+    if used[0] % 65536 != 0 || used[1] % 65536 != 0 {
+        rig.fail(format!("ring indices not at 0 mod 65536: {used:?}"));
+    }
+    rig.ok(vm.reset_driver(), "driver reset");
+    rig.ok(
+        h.set_read_timeout(Some(Duration::from_secs(3))),
+        "read timeout",
+    );
+    rig.ok(host_wait_end(&h), "host socket closed by the driver reset");
+    rig.assert_clean();
+}
+
+// ----- VM lifecycle -----
+
+const PEER_PAUSE: &str = "vhost-device-vsock 0.3.0: host bytes arriving while the rings \
+     are stopped make its worker fail iterating a queue that is not ready; no queue is served \
+     after the resume";
+
+/// Checks the requests of the last stop and resume: SET_VRING_ENABLE 0 on
+/// each ring, then GET_VRING_BASE; the restart gives back the bases
+/// returned.
+fn check_stop_resume_requests(rig: &Rig, stopped_at: usize) {
+    let reqs = rig.vm().vhost_requests();
+    let tail = &reqs[stopped_at - 4..stopped_at];
+    if (&tail[0][..], &tail[1][..]) != ("SET_VRING_ENABLE 0 0", "SET_VRING_ENABLE 1 0") {
+        rig.fail(format!("stop sequence: {reqs:?}"));
+    }
+    let returned: Vec<&str> = tail[2..]
+        .iter()
+        .map(|r| r.rsplit(' ').next().unwrap_or(""))
+        .collect();
+    let given: Vec<&str> = reqs[stopped_at..]
+        .iter()
+        .filter(|r| r.starts_with("SET_VRING_BASE"))
+        .take(2)
+        .map(|r| r.rsplit(' ').next().unwrap_or(""))
+        .collect();
+    if returned != given {
+        rig.fail(format!(
+            "bases returned {returned:?}, given back {given:?}: {reqs:?}"
+        ));
+    }
+}
+
+#[test]
+fn stop_and_resume_with_guest_traffic_in_flight() {
+    let mut rig = Rig::new("stop-resume");
+    let vm = rig.vm();
+    let (g, h) = rig.pair(7000, true);
+    rig.check_pair(&g, &h, 20, "before the stop");
+    // A pause without traffic.
+    rig.ok(vm.stop(), "stop");
+    let stopped_at = vm.vhost_requests().len();
+    rig.ok(vm.resume(), "resume");
+    check_stop_resume_requests(&rig, stopped_at);
+    rig.check_pair(&g, &h, 21, "after a quiet pause");
+    // A pause while the guest writes to a host that reads only later, and
+    // the host writes to the guest.
+    let size = 3 * MIB;
+    let host_size = if rig.skip_on_peer(&format!(
+        "host to guest traffic across the pause: {PEER_PAUSE}"
+    )) {
+        0
+    } else {
+        size
+    };
+    thread::scope(|sc| {
+        let gw = sc.spawn(|| guest_write(&g, 22, 0, size));
+        let hw = sc.spawn(|| write_verified(&h, 23, host_size));
+        thread::sleep(Duration::from_millis(100));
+        rig.ok(vm.stop(), "stop during the transfers");
+        let stopped_at = vm.vhost_requests().len();
+        thread::sleep(Duration::from_millis(200));
+        rig.ok(vm.resume(), "resume");
+        check_stop_resume_requests(&rig, stopped_at);
+        let hr = sc.spawn(|| read_verified(&h, 22, Some(size)));
+        let r = rig.ok(guest_read(&g, 23, 0, Some(host_size)), "guest read");
+        rig.check_report(&r, host_size, false, "host to guest across the pause");
+        let r = rig.ok(hr.join().expect("thread"), "host read");
+        rig.check_report(&r, size, false, "guest to host across the pause");
+        rig.ok(gw.join().expect("thread"), "guest write");
+        rig.ok(hw.join().expect("thread"), "host write");
+    });
+    rig.check_pair(&g, &h, 24, "after the pauses");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+#[test]
+fn stop_and_resume_with_host_traffic_during_the_pause() {
+    let mut rig = Rig::new("stop-host-traffic");
+    if rig.skip_on_peer(PEER_PAUSE) {
+        return;
+    }
+    let vm = rig.vm();
+    let (g, h) = rig.pair(7010, true);
+    rig.check_pair(&g, &h, 25, "before the stop");
+    let gl = rig.ok(vm.listen(7011), "listen");
+    rig.ok(vm.stop(), "stop");
+    let size = 600 * KIB;
+    thread::scope(|sc| {
+        // While the VM is stopped: a host writes, another CONNECTs.
+        let writer = sc.spawn(|| write_verified(&h, 26, size));
+        let connecter = sc.spawn(|| hybrid_connect_timeout(rig.uds(), 7011, T));
+        thread::sleep(Duration::from_millis(400));
+        let before = vm.stats();
+        thread::sleep(Duration::from_millis(100));
+        if rig.ok(g.readable(), "readable") != 0 || vm.stats().rx_packets != before.rx_packets {
+            rig.fail("the guest received data while stopped");
+        }
+        rig.ok(vm.resume(), "resume");
+        let r = rig.ok(guest_read(&g, 26, 0, Some(size)), "guest read after resume");
+        rig.check_report(&r, size, false, "host data sent during the pause");
+        rig.ok(writer.join().expect("thread"), "host write");
+        let (h2, _) = rig.ok(
+            connecter.join().expect("thread"),
+            "CONNECT during the pause",
+        );
+        set_timeouts(&h2);
+        let g2 = rig.ok(gl.accept(T), "accept after resume");
+        rig.check_pair(&g2, &h2, 27, "connection made during the pause");
+        rig.ok(g2.close(), "close");
+    });
+    rig.check_pair(&g, &h, 28, "after the resume");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+#[test]
+fn memory_table_sent_again_while_running() {
+    let mut rig = Rig::new("mem-table");
+    let vm = rig.vm();
+    let (g, h) = rig.pair(7050, false);
+    let size = 8 * MIB;
+    thread::scope(|sc| {
+        let gw = sc.spawn(|| guest_write(&g, 29, 0, size));
+        let hw = sc.spawn(|| write_verified(&h, 30, size));
+        let hr = sc.spawn(|| read_verified(&h, 29, Some(size)));
+        for i in 0..20 {
+            thread::sleep(Duration::from_millis(5));
+            rig.ok(vm.update_mem_table(), &format!("SET_MEM_TABLE #{i}"));
+        }
+        let r = rig.ok(guest_read(&g, 30, 0, Some(size)), "guest read");
+        rig.check_report(&r, size, false, "host to guest");
+        let r = rig.ok(hr.join().expect("thread"), "host read");
+        rig.check_report(&r, size, false, "guest to host");
+        rig.ok(gw.join().expect("thread"), "guest write");
+        rig.ok(hw.join().expect("thread"), "host write");
+    });
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+#[test]
+fn driver_reset_then_new_connections() {
+    let mut rig = Rig::new("driver-reset");
+    let vm = rig.vm();
+    let (g1, h1) = rig.pair(7100, true);
+    let (g2, h2) = rig.pair(7101, false);
+    rig.check_pair(&g1, &h1, 30, "before the reset");
+    rig.ok(write_verified(&h2, 31, 10 * KIB), "host write");
+    let r = rig.ok(guest_read(&g2, 31, 0, Some(10 * KIB)), "guest read");
+    rig.check_report(&r, 10 * KIB, false, "before the reset");
+    rig.ok(vm.reset_driver(), "driver reset");
+    for (g, what) in [(&g1, "guest-initiated"), (&g2, "host-initiated")] {
+        let mut b = [0u8; 16];
+        match g.read(&mut b) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            other => rig.fail(format!("{what} guest socket after the reset: {other:?}")),
+        }
+    }
+    if !rig.skip_on_peer(
+        "vhost-device-vsock 0.3.0 does not notice a driver reset: the old host sockets stay open",
+    ) {
+        for (h, what) in [(&h1, "guest-initiated"), (&h2, "host-initiated")] {
+            rig.ok(
+                host_wait_end(h),
+                &format!("{what} host socket closed by the reset"),
+            );
+        }
+    }
+    drop((g1, g2));
+    let (g, h) = rig.pair(7102, true);
+    rig.check_pair(&g, &h, 32, "new guest-initiated connection");
+    let (g, h) = rig.pair(7103, false);
+    rig.check_pair(&g, &h, 33, "new host-initiated connection");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+#[test]
+fn frontend_disconnects_and_a_new_one_connects() {
+    let mut rig = Rig::new("reconnect");
+    let vm = rig.vm();
+    let (g, h) = rig.pair(7200, true);
+    rig.check_pair(&g, &h, 40, "before the disconnect");
+    vm.disconnect();
+    rig.ok(
+        host_wait_end(&h),
+        "host socket closed when the VMM went away",
+    );
+    drop(g);
+    rig.ok(vm.reconnect(), "reconnect");
+    let (g, h) = rig.pair(7201, false);
+    rig.check_pair(&g, &h, 41, "after the reconnect");
+    let (g2, h2) = rig.pair(7202, true);
+    rig.check_pair(&g2, &h2, 42, "after the reconnect");
+    // A VMM that exits without a word, and a brand-new one.
+    rig.vm = None;
+    rig.ok(host_wait_end(&h2), "host socket closed when the VMM exited");
+    drop((g, g2));
+    let vm = rig.ok(
+        VirtualVm::start(rig.backend.socket(), opts()),
+        "a new VMM on the same socket",
+    );
+    rig.vm = Some(vm);
+    let (g, h) = rig.pair(7203, true);
+    rig.check_pair(&g, &h, 43, "with the new VMM");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+#[test]
+fn three_queues_with_the_event_queue_handed_over() {
+    let mut rig = Rig::with(
+        "three-queues",
+        VmOptions {
+            queues: 3,
+            ..opts()
+        },
+    );
+    let vm = rig.vm();
+    let reqs = vm.vhost_requests();
+    for r in [
+        "SET_VRING_KICK 2",
+        "SET_VRING_CALL 2",
+        "SET_VRING_ENABLE 2 1",
+    ] {
+        assert!(reqs.iter().any(|x| x == r), "{r} missing: {reqs:?}");
+    }
+    let (g, h) = rig.pair(7300, true);
+    let size = 2 * MIB;
+    thread::scope(|sc| {
+        let hr = sc.spawn(|| read_verified(&h, 50, Some(size)));
+        let hw = sc.spawn(|| write_verified(&h, 51, size));
+        let gr = sc.spawn(|| guest_read(&g, 51, 0, Some(size)));
+        rig.ok(guest_write(&g, 50, 0, size), "guest write");
+        let r = rig.ok(gr.join().expect("thread"), "guest read");
+        rig.check_report(&r, size, false, "host to guest");
+        let r = rig.ok(hr.join().expect("thread"), "host read");
+        rig.check_report(&r, size, false, "guest to host");
+        rig.ok(hw.join().expect("thread"), "host write");
+    });
+    rig.ok(vm.stop(), "stop");
+    rig.ok(vm.resume(), "resume");
+    rig.check_pair(&g, &h, 52, "after stop and resume with three queues");
+    rig.ok(vm.reset_driver(), "driver reset");
+    let (g, h) = rig.pair(7301, false);
+    rig.check_pair(&g, &h, 53, "after a driver reset with three queues");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+// ----- a last check of the listener API -----
+
+#[test]
+fn listener_closed_before_accept_resets_queued_connections() {
+    let mut rig = Rig::new("listener-drop");
+    let vm = rig.vm();
+    let gl: VListener = rig.ok(vm.listen(7400), "listen");
+    let (h, _) = rig.ok(hybrid_connect_timeout(rig.uds(), 7400, T), "CONNECT");
+    set_timeouts(&h);
+    // Wait until the connection is queued, then close the listener.
+    let deadline = Instant::now() + T;
+    while vm.conn_count() == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    drop(gl);
+    rig.ok(host_wait_end(&h), "host sees the queued connection closed");
+    let deadline = Instant::now() + T;
+    while vm.conn_count() != 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    if vm.conn_count() != 0 {
+        rig.fail("the queued connection was not closed");
+    }
+    let (g, h) = rig.pair(7400, false);
+    rig.check_pair(&g, &h, 60, "a new listener on the same port");
+    assert_eq!(rig.ok(g.info(), "info").state, ConnState::Established);
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
