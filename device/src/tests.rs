@@ -157,6 +157,27 @@ impl Rig {
         Some((h, buf[HEADER_SIZE_BYTES..n].to_vec()))
     }
 
+    /// Offers `n` RX buffers of 4 KiB in one batch; returns the buffers and
+    /// the bytes written to each one filled.
+    fn rx_batch(&mut self, n: usize) -> (Vec<Vec<u8>>, Vec<usize>) {
+        let mut bufs = vec![vec![0u8; 4096]; n];
+        let iovs: Vec<[libc::iovec; 1]> = bufs
+            .iter_mut()
+            .map(|b| {
+                [libc::iovec {
+                    iov_base: b.as_mut_ptr().cast(),
+                    iov_len: b.len(),
+                }]
+            })
+            .collect();
+        // SAFETY: the buffers outlive the call and are not otherwise accessed.
+        let g: Vec<GuestIovs<'_>> = iovs.iter().map(|i| unsafe { GuestIovs::new(i) }).collect();
+        let mut lens = vec![0usize; n];
+        let filled = self.mux.fill_rx(&g, &mut lens);
+        lens.truncate(filled);
+        (bufs, lens)
+    }
+
     fn rx(&mut self) -> Option<(PacketHeader, Vec<u8>)> {
         self.rx_sized(4096)
     }
@@ -610,20 +631,8 @@ fn one_read_fills_several_rx_buffers() {
     let data: Vec<u8> = (0..10_000u32).map(|i| (i % 241) as u8).collect();
     host.write_all(&data).unwrap();
     rig.mux.process_host_events();
-    let mut bufs = vec![vec![0u8; 4096]; 5];
-    let iovs: Vec<[libc::iovec; 1]> = bufs
-        .iter_mut()
-        .map(|b| {
-            [libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            }]
-        })
-        .collect();
-    // SAFETY: the buffers outlive the call and are not otherwise accessed.
-    let g: Vec<GuestIovs<'_>> = iovs.iter().map(|i| unsafe { GuestIovs::new(i) }).collect();
-    let mut lens = [0usize; 5];
-    let filled = rig.mux.fill_rx(&g, &mut lens);
+    let (bufs, lens) = rig.rx_batch(5);
+    let filled = lens.len();
     assert_eq!(filled, 3, "10000 bytes in buffers of 4052 payload bytes");
     let mut got = Vec::new();
     let mut tx_total = 0;
@@ -648,21 +657,8 @@ fn batch_stops_at_peer_credit() {
     let (_, mut host) = rig.accepted.borrow_mut().pop().unwrap();
     host.write_all(&[7u8; 20_000]).unwrap();
     rig.mux.process_host_events();
-    let mut bufs = vec![vec![0u8; 4096]; 4];
-    let iovs: Vec<[libc::iovec; 1]> = bufs
-        .iter_mut()
-        .map(|b| {
-            [libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            }]
-        })
-        .collect();
-    // SAFETY: the buffers outlive the call and are not otherwise accessed.
-    let g: Vec<GuestIovs<'_>> = iovs.iter().map(|i| unsafe { GuestIovs::new(i) }).collect();
-    let mut lens = [0usize; 4];
-    let filled = rig.mux.fill_rx(&g, &mut lens);
-    assert_eq!(filled, 2);
+    let (_, lens) = rig.rx_batch(4);
+    assert_eq!(lens.len(), 2);
     assert_eq!(
         lens[0] + lens[1] - 2 * HEADER_SIZE_BYTES,
         5000,
