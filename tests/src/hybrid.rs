@@ -203,13 +203,27 @@ pub fn read_verified(s: &UnixStream, seed: u64, limit: Option<u64>) -> io::Resul
 /// `read_verified` for a stream whose next byte is at `offset`. `limit`
 /// counts from the start of the stream.
 pub fn read_verified_at(
-    mut s: &UnixStream,
+    s: &UnixStream,
     seed: u64,
     offset: u64,
     limit: Option<u64>,
 ) -> io::Result<ReadReport> {
+    read_verified_from(s, seed, offset, limit, 64 * 1024, None)
+}
+
+/// Reads from any stream until EOF or `limit` (counted from the stream's
+/// start), in reads of at most `chunk` bytes with an optional pause after
+/// each, verifying every byte against the pattern of `seed` from `offset`.
+pub fn read_verified_from<R: Read>(
+    mut r: R,
+    seed: u64,
+    offset: u64,
+    limit: Option<u64>,
+    chunk: usize,
+    pause: Option<std::time::Duration>,
+) -> io::Result<ReadReport> {
     let mut v = crate::pattern::Verifier::at(seed, offset);
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; chunk];
     loop {
         let want = match limit {
             Some(l) if v.received() >= l => {
@@ -222,7 +236,7 @@ pub fn read_verified_at(
             Some(l) => ((l - v.received()) as usize).min(buf.len()),
             None => buf.len(),
         };
-        match s.read(&mut buf[..want]) {
+        match r.read(&mut buf[..want]) {
             Ok(0) => {
                 return Ok(ReadReport {
                     received: v.received(),
@@ -243,6 +257,9 @@ pub fn read_verified_at(
                     ),
                 ))
             }
+        }
+        if let Some(p) = pause {
+            std::thread::sleep(p);
         }
     }
 }

@@ -23,8 +23,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vsockd_tests::hybrid::{
-    hybrid_connect_timeout, read_ok_line, read_verified, read_verified_at, write_verified,
-    write_verified_at, HostListener, ReadReport,
+    hybrid_connect_timeout, read_ok_line, read_verified, read_verified_at, read_verified_from,
+    write_verified, write_verified_at, HostListener, ReadReport,
 };
 use vsockd_tests::pattern::{self, reply_seed, Verifier};
 use vsockd_tests::qemu::{keep_files, temp_dir};
@@ -264,40 +264,7 @@ fn guest_read_paced(
     chunk: usize,
     pause: Option<Duration>,
 ) -> io::Result<ReadReport> {
-    let mut v = Verifier::at(seed, offset);
-    let mut buf = vec![0u8; chunk];
-    loop {
-        let want = match limit {
-            Some(l) if v.received() >= l => {
-                return Ok(ReadReport {
-                    received: v.received(),
-                    first_bad: v.first_bad(),
-                    eof: false,
-                })
-            }
-            Some(l) => ((l - v.received()) as usize).min(buf.len()),
-            None => buf.len(),
-        };
-        match s.read(&mut buf[..want]) {
-            Ok(0) => {
-                return Ok(ReadReport {
-                    received: v.received(),
-                    first_bad: v.first_bad(),
-                    eof: true,
-                })
-            }
-            Ok(n) => v.feed(&buf[..n]),
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("{e} after {} bytes", v.received()),
-                ))
-            }
-        }
-        if let Some(p) = pause {
-            thread::sleep(p);
-        }
-    }
+    read_verified_from(s, seed, offset, limit, chunk, pause)
 }
 
 /// Host reads with a pause after each chunk.
