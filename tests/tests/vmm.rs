@@ -625,6 +625,39 @@ fn connect_to_a_port_nobody_listens_on_is_reset() {
     rig.assert_clean();
 }
 
+/// A host service that accepts and closes at once: the guest's connect
+/// succeeds (the RESPONSE and the SHUTDOWN can arrive in one batch) and
+/// its read sees end of stream. Regression test: the virtual driver failed
+/// such connects as "closed while connecting".
+#[test]
+fn host_accepts_and_closes_at_once_many_times() {
+    const ROUNDS: usize = 300;
+    let mut rig = Rig::new("accept-close");
+    let port = 6210;
+    let hl = rig.ok(HostListener::bind(rig.uds(), port), "bind");
+    thread::scope(|sc| {
+        let acceptor = sc.spawn(|| -> io::Result<()> {
+            for _ in 0..ROUNDS {
+                drop(hl.accept_timeout(T)?);
+            }
+            Ok(())
+        });
+        for i in 0..ROUNDS {
+            let g = rig.ok(rig.vm().connect(port), &format!("connect #{i}"));
+            let mut b = [0u8; 1];
+            match g.read(&mut b) {
+                Ok(0) => {}
+                Ok(_) => rig.fail(format!("connection #{i}: a byte from nowhere")),
+                Err(e) => rig.fail(format!("connection #{i}: read: {e}, expected EOF")),
+            }
+        }
+        rig.ok(acceptor.join().expect("acceptor"), "host accepts");
+    });
+    let (g, h) = rig.pair(6211, true);
+    rig.check_pair(&g, &h, 6, "after the closes");
+    rig.assert_clean();
+}
+
 // ----- ring and credit pressure -----
 
 #[test]

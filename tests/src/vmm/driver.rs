@@ -152,6 +152,8 @@ pub(crate) struct Conn {
     peer_shutdown: u32,
     local_shutdown: u32,
     peer_reset: bool,
+    /// The handshake completed (it may have been closed since).
+    connected: bool,
     /// Linux's SOCK_DONE: the connection is over for the peer.
     done: bool,
     /// Still in the port table (packets can reach it).
@@ -182,6 +184,7 @@ impl Conn {
             peer_shutdown: 0,
             local_shutdown: 0,
             peer_reset: false,
+            connected: state == ConnState::Established,
             done: false,
             indexed: true,
             error: None,
@@ -212,6 +215,13 @@ impl Conn {
             credit: self.credit(),
         }
     }
+}
+
+/// A TX slot and ring room held for a packet being copied in.
+struct TxReservation {
+    slot: u32,
+    pieces: usize,
+    generation: u64,
 }
 
 /// A packet waiting for room on the TX ring.
@@ -246,6 +256,13 @@ pub(crate) struct State {
     pub hold_rx: bool,
     pending: VecDeque<OutPkt>,
     pending_bytes: usize,
+    /// TX slots application threads are filling without the lock, and the
+    /// descriptors kept for them.
+    tx_reservations: usize,
+    tx_reserved_descs: usize,
+    /// Changes whenever the TX slots and rings are rebuilt, so that a
+    /// reservation from before is not committed to the new rings.
+    tx_generation: u64,
     conns: HashMap<u64, Conn>,
     by_ports: HashMap<(u32, u32), u64>,
     listeners: HashMap<u32, Listener>,
@@ -418,6 +435,9 @@ impl Inner {
             hold_rx: false,
             pending: VecDeque::new(),
             pending_bytes: 0,
+            tx_reservations: 0,
+            tx_reserved_descs: 0,
+            tx_generation: 0,
             conns: HashMap::new(),
             by_ports: HashMap::new(),
             listeners: HashMap::new(),
@@ -489,6 +509,7 @@ impl Inner {
                     Vec::new()
                 };
                 st.tx_slots_free = (0..self.layout.tx_slot_count).rev().collect();
+                st.tx_generation += 1;
                 st.stopped_bases = None;
             }
             let bases = match (&st.stopped_bases, fresh) {
@@ -687,18 +708,32 @@ impl Inner {
         }
     }
 
-    /// Puts one packet on the TX ring (not yet published). False when
-    /// there is no room.
-    fn place(&self, st: &mut State, hdr: &Header, payload: &[u8]) -> bool {
-        if !st.running {
-            return false;
+    /// Takes a TX slot and room for `pieces` descriptors, so that the
+    /// packet can be copied into guest memory without the state lock (as
+    /// Linux copies into an skb before taking the virtqueue lock). None
+    /// when there is no room, packets wait in the queue, or the device is
+    /// stopped.
+    fn reserve_tx(&self, st: &mut State, pieces: usize) -> Option<TxReservation> {
+        let free = st.rings[TX]
+            .free_descs()
+            .saturating_sub(st.tx_reserved_descs);
+        if !st.running || !st.pending.is_empty() || st.tx_slots_free.is_empty() || free < pieces {
+            return None;
         }
-        let total = HDR_LEN + payload.len();
-        let pieces = self.pieces(total);
-        if st.tx_slots_free.is_empty() || st.rings[TX].free_descs() < pieces.len() {
-            return false;
-        }
-        let slot = st.tx_slots_free.pop().expect("checked");
+        let slot = st.tx_slots_free.pop()?;
+        st.tx_reserved_descs += pieces;
+        st.tx_reservations += 1;
+        Some(TxReservation {
+            slot,
+            pieces,
+            generation: st.tx_generation,
+        })
+    }
+
+    /// Copies a packet into a reserved TX slot, laid out as `tx_layout`
+    /// says; returns its descriptors. Needs no lock: the slot is ours.
+    fn fill_slot(&self, slot: u32, hdr: &Header, payload: &[u8]) -> Vec<Desc> {
+        let pieces = self.pieces(HDR_LEN + payload.len());
         let base = self.layout.tx_slot(slot);
         let hb = hdr.to_bytes();
         let mut descs = Vec::with_capacity(pieces.len());
@@ -720,9 +755,38 @@ impl Inner {
                 flags: 0,
             });
         }
+        descs
+    }
+
+    /// Puts a filled slot on the TX ring (not yet published). If the
+    /// device stopped meanwhile the packet waits in the queue; if the
+    /// rings were rebuilt (driver reset) it is dropped with its
+    /// connection.
+    fn commit_tx(
+        &self,
+        st: &mut State,
+        r: TxReservation,
+        descs: &[Desc],
+        hdr: &Header,
+        payload: &[u8],
+    ) {
+        st.tx_reserved_descs -= r.pieces;
+        st.tx_reservations -= 1;
+        if r.generation != st.tx_generation {
+            return;
+        }
+        if !st.running {
+            st.tx_slots_free.push(r.slot);
+            st.pending_bytes += payload.len();
+            st.pending.push_back(OutPkt {
+                hdr: *hdr,
+                payload: payload.to_vec(),
+            });
+            return;
+        }
         st.rings[TX]
-            .add(&self.ram, &descs, Token::Tx(slot))
-            .expect("descriptors counted");
+            .add(&self.ram, descs, Token::Tx(r.slot))
+            .expect("descriptors reserved");
         st.stats.tx_packets += 1;
         st.stats.tx_bytes += payload.len() as u64;
         match hdr.op {
@@ -730,6 +794,17 @@ impl Inner {
             OP_CREDIT_UPDATE => st.stats.credit_updates_sent += 1,
             _ => {}
         }
+    }
+
+    /// Puts one packet on the TX ring (not yet published). False when
+    /// there is no room.
+    fn place(&self, st: &mut State, hdr: &Header, payload: &[u8]) -> bool {
+        let pieces = self.pieces(HDR_LEN + payload.len()).len();
+        let Some(r) = self.reserve_tx(st, pieces) else {
+            return false;
+        };
+        let descs = self.fill_slot(r.slot, hdr, payload);
+        self.commit_tx(st, r, &descs, hdr, payload);
         true
     }
 
@@ -738,7 +813,7 @@ impl Inner {
     /// kick now (application threads); the driver thread publishes once
     /// per batch.
     fn send(&self, st: &mut State, hdr: Header, payload: &[u8], publish: bool) {
-        if st.pending.is_empty() && self.place(st, &hdr, payload) {
+        if st.tx_reservations == 0 && self.place(st, &hdr, payload) {
             if publish {
                 self.kick(st, TX);
             }
@@ -756,7 +831,13 @@ impl Inner {
         if !st.running {
             return;
         }
-        while let Some(p) = st.pending.pop_front() {
+        // Not while application threads copy into reserved slots: what
+        // waits here may have to follow their packets (a SHUTDOWN after
+        // the last write).
+        while st.tx_reservations == 0 {
+            let Some(p) = st.pending.pop_front() else {
+                break;
+            };
             if self.place(st, &p.hdr, &p.payload) {
                 st.pending_bytes -= p.payload.len();
             } else {
@@ -1122,7 +1203,10 @@ impl Inner {
         let c = st.conns.get_mut(&id).expect("indexed connections exist");
         match c.state {
             ConnState::Connecting => match h.op {
-                OP_RESPONSE => c.state = ConnState::Established,
+                OP_RESPONSE => {
+                    c.state = ConnState::Established;
+                    c.connected = true;
+                }
                 OP_RST => {
                     c.peer_reset = true;
                     c.error = Some((
@@ -1260,8 +1344,12 @@ impl Inner {
         let deadline = Instant::now() + timeout;
         loop {
             let c = Self::conn(&mut st, id)?;
+            // Connected, even if the peer closed again at once (a host
+            // that accepts and closes): the application's reads see EOF.
+            if c.connected {
+                return Ok(id);
+            }
             match c.state {
-                ConnState::Established => return Ok(id),
                 ConnState::Connecting => {}
                 _ => {
                     let e = c.error.clone().unwrap_or((
@@ -1347,8 +1435,11 @@ impl Inner {
             if let Err(e) = Self::alive(&st) {
                 return partial(sent, e);
             }
-            let limit = self.opts.tx_queue_limit;
-            let pending_full = st.pending_bytes >= limit;
+            // Data goes straight into the ring, never into the queue of
+            // packets waiting for room: it is copied once, and waits in the
+            // caller's buffer while the ring is full or control packets
+            // wait before it.
+            let ring_open = st.running && st.pending.is_empty();
             let cid = st.guest_cid;
             let c = match Self::conn(&mut st, id) {
                 Ok(c) => c,
@@ -1371,14 +1462,24 @@ impl Inner {
                 );
             }
             let credit = c.credit() as usize;
-            if credit > 0 && !pending_full {
+            if credit > 0 && ring_open {
                 let n = credit.min(buf.len() - sent).min(self.opts.tx_max_payload);
-                let hdr = self.conn_hdr(cid, c, OP_RW, 0, n as u32);
-                c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
-                c.last_fwd_cnt = c.fwd_cnt;
-                self.send(&mut st, hdr, &buf[sent..sent + n], true);
-                sent += n;
-                continue;
+                let pieces = self.pieces(HDR_LEN + n).len();
+                if let Some(r) = self.reserve_tx(&mut st, pieces) {
+                    let c = Self::conn(&mut st, id).expect("looked up above");
+                    let hdr = self.conn_hdr(cid, c, OP_RW, 0, n as u32);
+                    c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                    c.last_fwd_cnt = c.fwd_cnt;
+                    drop(st);
+                    let chunk = &buf[sent..sent + n];
+                    let descs = self.fill_slot(r.slot, &hdr, chunk);
+                    st = self.lock();
+                    self.commit_tx(&mut st, r, &descs, &hdr, chunk);
+                    // Control packets queued meanwhile follow it.
+                    self.flush_tx(&mut st);
+                    sent += n;
+                    continue;
+                }
             }
             let (g, left) = wait(&self.cond, st, deadline);
             st = g;

@@ -64,8 +64,6 @@ pub struct VmOptions {
     pub kick_on_start: bool,
     /// Connections a listener queues before answering REQUESTs with RST.
     pub listen_backlog: usize,
-    /// Payload bytes queued for the TX ring beyond which writers wait.
-    pub tx_queue_limit: usize,
 }
 
 impl Default for VmOptions {
@@ -87,7 +85,6 @@ impl Default for VmOptions {
             close_timeout: Duration::from_secs(8),
             kick_on_start: true,
             listen_backlog: 4096,
-            tx_queue_limit: 4 << 20,
         }
     }
 }
