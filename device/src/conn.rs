@@ -310,11 +310,15 @@ impl<S: HostStream> Connection<S> {
         }
         // Tell the guest about freed credit before it runs dry: once its view
         // of our free space falls under half, any bytes forwarded since the
-        // last header we sent are worth an update.
+        // last header we sent are worth an update; and a quarter of
+        // buf_alloc forwarded is worth one anyway, so that a streaming
+        // guest never waits for credit while the host keeps up.
         let unadvertised = (self.fwd_cnt - self.last_fwd_cnt_sent).0;
         let guest_view_used = (self.rx_cnt - self.last_fwd_cnt_sent).0;
         let guest_view_free = self.buf_alloc.saturating_sub(guest_view_used);
-        if unadvertised > 0 && guest_view_free < self.buf_alloc / 2 {
+        if unadvertised > 0
+            && (guest_view_free < self.buf_alloc / 2 || unadvertised >= self.buf_alloc / 4)
+        {
             self.owe(owe::CREDIT_UPDATE);
         }
     }

@@ -442,6 +442,30 @@ fn slow_host_reader_buffers_up_to_credit_then_drains() {
     );
 }
 
+/// Credit is advertised early: once a quarter of buf_alloc has been
+/// forwarded since the last header, a CREDIT_UPDATE is owed even though
+/// the guest still has most of its credit (it would otherwise stall a
+/// moment waiting for one), and not before.
+#[test]
+fn credit_update_after_a_quarter_of_buf_alloc_forwarded() {
+    let mut rig = Rig::new();
+    let mut host = rig.guest_connect(1006, 85);
+    let quarter = (BUF_ALLOC / 4) as usize;
+    let small = vec![1u8; quarter - 1];
+    rig.tx(&hdr(OP_RW, 1006, 85, small.len() as u32), &small);
+    assert!(
+        rig.rx().is_none(),
+        "no update before a quarter is forwarded"
+    );
+    rig.tx(&hdr(OP_RW, 1006, 85, 1), &[2]);
+    let (h, _) = rig.rx_op(OP_CREDIT_UPDATE);
+    assert_eq!(h.fwd_cnt() as usize, quarter);
+    let mut got = vec![0u8; quarter];
+    host.read_exact(&mut got).unwrap();
+    assert_eq!(&got[..quarter - 1], &small[..]);
+    assert_eq!(got[quarter - 1], 2);
+}
+
 #[test]
 fn guest_exceeding_credit_is_reset_others_unaffected() {
     let mut rig = Rig::new();
