@@ -90,13 +90,28 @@ impl Backend {
     }
 
     /// Starts a backend with explicit paths; returns once its vhost-user
-    /// socket exists.
+    /// socket exists. Logs at debug level unless `VSOCKD_E2E_LOG_LEVEL`
+    /// (vsockd) or `VSOCKD_E2E_PEER_LOG` / `RUST_LOG` (peer) say otherwise.
     pub fn start_at(
         kind: BackendKind,
         socket: &Path,
         uds: &Path,
         log: &Path,
         cid: u32,
+    ) -> Result<Backend> {
+        Backend::start_logging(kind, socket, uds, log, cid, None)
+    }
+
+    /// `start_at` with an explicit log level (`error`, `warn`, `info`,
+    /// `debug`), as benchmarks need: per-packet debug logging would be
+    /// what they measure.
+    pub fn start_logging(
+        kind: BackendKind,
+        socket: &Path,
+        uds: &Path,
+        log: &Path,
+        cid: u32,
+        level: Option<&str>,
     ) -> Result<Backend> {
         let bin = kind.binary();
         if !bin.is_file() {
@@ -116,8 +131,9 @@ impl Backend {
         let mut cmd = Command::new(&bin);
         match kind {
             BackendKind::Vsockd => {
-                let level =
-                    std::env::var("VSOCKD_E2E_LOG_LEVEL").unwrap_or_else(|_| "debug".to_string());
+                let level = level.map(str::to_string).unwrap_or_else(|| {
+                    std::env::var("VSOCKD_E2E_LOG_LEVEL").unwrap_or_else(|_| "debug".to_string())
+                });
                 cmd.arg("--socket-path")
                     .arg(socket)
                     .arg("--guest-cid")
@@ -133,7 +149,9 @@ impl Backend {
                     socket.display(),
                     uds.display()
                 ));
-                if std::env::var_os("RUST_LOG").is_none() {
+                if let Some(level) = level {
+                    cmd.env("RUST_LOG", level);
+                } else if std::env::var_os("RUST_LOG").is_none() {
                     cmd.env(
                         "RUST_LOG",
                         std::env::var("VSOCKD_E2E_PEER_LOG").unwrap_or_else(|_| "debug".into()),

@@ -2,6 +2,7 @@
 //! backend launcher and host-side hybrid vsock helpers.
 
 pub mod backend;
+pub mod bench;
 pub mod cpio;
 pub mod errno;
 pub mod error;

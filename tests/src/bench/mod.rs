@@ -1,0 +1,358 @@
+//! vsock-bench's engine: runs the same workloads against each backend in
+//! interleaved rounds (the order alternates every round, so slow drift of
+//! a shared machine hits both alike), takes the median of every row over
+//! the rounds, and sets each backend against the others and against a
+//! plain Unix socketpair moving the same bytes.
+//!
+//! Every backend measurement starts a fresh backend process (logging at
+//! warn, so that logging is not what is measured) and a fresh virtual VM.
+
+pub mod ceiling;
+pub mod procstat;
+pub mod report;
+pub mod workload;
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::error::{Context, Error, Result};
+use crate::vmm::{VirtualVm, VmOptions};
+use crate::{Backend, BackendKind};
+
+pub use report::Report;
+use workload::Direction;
+
+/// Guest CID of the virtual VM.
+const GUEST_CID: u32 = 3;
+
+/// Host and guest ports of the workloads; each gets its own.
+const PORT_BASE: u32 = 5000;
+
+/// What to measure and how much.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub rounds: usize,
+    /// Bytes moved by one throughput measurement, over all connections.
+    pub stream_bytes: u64,
+    /// Connections of the parallel throughput rows.
+    pub parallel: usize,
+    /// Largest guest TX packet payload, and the size of every write on
+    /// either side.
+    pub write_bytes: usize,
+    /// Size of a guest RX buffer, header included.
+    pub rx_buf_bytes: u32,
+    /// Size of every read on either side.
+    pub read_bytes: usize,
+    /// Request and response size of the latency rows.
+    pub message_bytes: usize,
+    /// Measured round trips per round (after a warm-up of a tenth as many).
+    pub round_trips: usize,
+    /// Connections opened and closed per setup-rate measurement.
+    pub setups: usize,
+    /// Idle connections held for the memory row.
+    pub idle_conns: usize,
+    /// Which workloads run (all by default).
+    pub workloads: Vec<Workload>,
+}
+
+/// Groups of rows that can be run alone (for profiling one path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Both throughput directions and the CPU rows.
+    Throughput,
+    GuestToHost,
+    HostToGuest,
+    Latency,
+    Setup,
+    Idle,
+}
+
+impl Workload {
+    pub const NAMES: &'static str = "throughput, g2h, h2g, latency, setup, idle";
+
+    pub fn parse(s: &str) -> Option<Workload> {
+        Some(match s {
+            "throughput" => Workload::Throughput,
+            "g2h" => Workload::GuestToHost,
+            "h2g" => Workload::HostToGuest,
+            "latency" => Workload::Latency,
+            "setup" => Workload::Setup,
+            "idle" => Workload::Idle,
+            _ => return None,
+        })
+    }
+
+    fn all() -> Vec<Workload> {
+        vec![
+            Workload::Throughput,
+            Workload::Latency,
+            Workload::Setup,
+            Workload::Idle,
+        ]
+    }
+}
+
+impl Settings {
+    fn runs(&self, w: Workload) -> bool {
+        self.workloads.contains(&w)
+    }
+
+    fn runs_direction(&self, d: Direction) -> bool {
+        self.runs(Workload::Throughput)
+            || self.runs(match d {
+                Direction::GuestToHost => Workload::GuestToHost,
+                Direction::HostToGuest => Workload::HostToGuest,
+            })
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            rounds: 5,
+            stream_bytes: 512 << 20,
+            parallel: 8,
+            write_bytes: 64 << 10,
+            rx_buf_bytes: 4096,
+            read_bytes: 64 << 10,
+            message_bytes: 64,
+            round_trips: 2000,
+            setups: 500,
+            idle_conns: 1000,
+            workloads: Workload::all(),
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Row {
+    /// MiB/s moved over `n` connections.
+    Throughput(Direction, usize),
+    LatencyP50,
+    LatencyP99,
+    /// Connections opened and closed per second.
+    SetupRate(Direction),
+    /// Backend CPU seconds per GiB over both throughput rows of a
+    /// direction.
+    CpuPerGib(Direction),
+    /// Backend resident memory with the idle connections open, MiB.
+    IdleRss,
+}
+
+impl Row {
+    /// Rows in table order.
+    pub fn all(s: &Settings) -> Vec<Row> {
+        use Direction::*;
+        vec![
+            Row::Throughput(GuestToHost, 1),
+            Row::Throughput(GuestToHost, s.parallel),
+            Row::Throughput(HostToGuest, 1),
+            Row::Throughput(HostToGuest, s.parallel),
+            Row::LatencyP50,
+            Row::LatencyP99,
+            Row::SetupRate(HostToGuest),
+            Row::SetupRate(GuestToHost),
+            Row::CpuPerGib(GuestToHost),
+            Row::CpuPerGib(HostToGuest),
+            Row::IdleRss,
+        ]
+    }
+
+    pub fn label(&self, s: &Settings) -> String {
+        let d = |d: &Direction| match d {
+            Direction::GuestToHost => "guest to host",
+            Direction::HostToGuest => "host to guest",
+        };
+        match self {
+            Row::Throughput(dir, n) => format!(
+                "throughput {}, {n} conn{} (MiB/s)",
+                d(dir),
+                if *n == 1 { "" } else { "s" }
+            ),
+            Row::LatencyP50 => format!("{}-byte round trip p50 (µs)", s.message_bytes),
+            Row::LatencyP99 => format!("{}-byte round trip p99 (µs)", s.message_bytes),
+            Row::SetupRate(Direction::HostToGuest) => {
+                "connection setup, host-initiated (conn/s)".into()
+            }
+            Row::SetupRate(Direction::GuestToHost) => {
+                "connection setup, guest-initiated (conn/s)".into()
+            }
+            Row::CpuPerGib(dir) => format!("backend CPU {} (s/GiB)", d(dir)),
+            Row::IdleRss => format!("backend RSS, {} idle conns (MiB)", s.idle_conns),
+        }
+    }
+
+    pub fn higher_is_better(&self) -> bool {
+        matches!(self, Row::Throughput(..) | Row::SetupRate(_))
+    }
+
+    /// The socketpair measurement bounding this row, if any.
+    pub fn ceiling(&self) -> Option<Direction> {
+        match self {
+            Row::Throughput(dir, _) => Some(*dir),
+            _ => None,
+        }
+    }
+}
+
+/// Who is measured: a backend, or the socketpair ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    Backend(BackendKind),
+    Ceiling(Direction),
+}
+
+/// Read size of the ceiling for a direction: host reads for guest to
+/// host; for host to guest the backend reads into guest RX buffers, so
+/// reads of one RX buffer's size.
+fn ceiling_read_bytes(s: &Settings, dir: Direction) -> usize {
+    match dir {
+        Direction::GuestToHost => s.read_bytes,
+        Direction::HostToGuest => s.rx_buf_bytes as usize,
+    }
+}
+
+/// Runs every round and returns the samples.
+pub fn run(
+    s: &Settings,
+    kinds: &[BackendKind],
+    work_dir: &Path,
+    mut progress: impl FnMut(&str),
+) -> Result<Report> {
+    let mut report = Report::new(s.clone(), kinds.to_vec());
+    for round in 0..s.rounds {
+        for dir in [Direction::GuestToHost, Direction::HostToGuest] {
+            if !s.runs_direction(dir) {
+                continue;
+            }
+            let t = ceiling::socketpair(s.stream_bytes, s.write_bytes, ceiling_read_bytes(s, dir))?;
+            report.add(Subject::Ceiling(dir), None, t.mib_per_second());
+        }
+        let mut order = kinds.to_vec();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for kind in order {
+            progress(&format!(
+                "round {}/{}: {}",
+                round + 1,
+                s.rounds,
+                kind.name()
+            ));
+            let dir = work_dir.join(format!("{}-{round}", kind.name()));
+            std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
+            for (row, v) in measure(kind, s, &dir)? {
+                report.add(Subject::Backend(kind), Some(row), v);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    Ok(report)
+}
+
+/// One backend, one round: every row.
+fn measure(kind: BackendKind, s: &Settings, dir: &Path) -> Result<Vec<(Row, f64)>> {
+    let backend = Backend::start_logging(
+        kind,
+        &dir.join("vhost.sock"),
+        &dir.join("vsock.sock"),
+        &dir.join(format!("{}.log", kind.name())),
+        GUEST_CID,
+        Some("warn"),
+    )?;
+    let pid = backend
+        .pid()
+        .ok_or_else(|| Error::new(format!("{} is not running", kind.name())))?;
+    let opts = VmOptions {
+        rx_buf_size: s.rx_buf_bytes,
+        tx_max_payload: s.write_bytes,
+        io_timeout: Some(Duration::from_secs(60)),
+        ..VmOptions::default()
+    };
+    let vm = VirtualVm::start(backend.socket(), opts)
+        .map_err(|e| backend.attach(Error::new(format!("virtual VM start: {e}"))))?;
+    let uds = backend.uds().to_path_buf();
+    let fail = |what: &str, e: std::io::Error| {
+        backend.attach(
+            Error::new(format!("{}: {what}: {e}", kind.name()))
+                .with_context("virtual VM", &vm.describe()),
+        )
+    };
+    let mut rows = Vec::new();
+    let mut port = PORT_BASE;
+    let mut next_port = || {
+        port += 2;
+        port
+    };
+    for dir in [Direction::GuestToHost, Direction::HostToGuest] {
+        if !s.runs_direction(dir) {
+            continue;
+        }
+        let (mut cpu, mut bytes) = (0.0, 0u64);
+        for conns in [1, s.parallel] {
+            let t = workload::transfer(
+                &vm,
+                &uds,
+                pid,
+                next_port(),
+                dir,
+                conns,
+                s.stream_bytes,
+                s.write_bytes,
+                s.read_bytes,
+            )
+            .map_err(|e| fail(&format!("{dir:?} over {conns}"), e))?;
+            rows.push((Row::Throughput(dir, conns), t.mib_per_second()));
+            cpu += t.backend_cpu_seconds;
+            bytes += t.bytes;
+        }
+        rows.push((
+            Row::CpuPerGib(dir),
+            cpu / (bytes as f64 / (1u64 << 30) as f64),
+        ));
+    }
+    if s.runs(Workload::Latency) {
+        latency(&vm, &uds, s, next_port(), &mut rows).map_err(|e| fail("round trips", e))?;
+    }
+    if s.runs(Workload::Setup) {
+        for dir in [Direction::HostToGuest, Direction::GuestToHost] {
+            let rate = workload::setup_rate(&vm, &uds, next_port(), dir, s.setups)
+                .map_err(|e| fail(&format!("setup {dir:?}"), e))?;
+            rows.push((Row::SetupRate(dir), rate));
+        }
+    }
+    if s.runs(Workload::Idle) {
+        let idle = workload::idle_connections(&vm, &uds, next_port(), s.idle_conns)
+            .map_err(|e| fail("idle connections", e))?;
+        // Let the backend settle (deferred frees, credit updates).
+        std::thread::sleep(Duration::from_millis(200));
+        let rss = procstat::rss_bytes(pid)?;
+        rows.push((Row::IdleRss, rss as f64 / (1 << 20) as f64));
+        drop(idle);
+    }
+    drop(vm);
+    drop(backend);
+    Ok(rows)
+}
+
+fn latency(
+    vm: &VirtualVm,
+    uds: &Path,
+    s: &Settings,
+    port: u32,
+    rows: &mut Vec<(Row, f64)>,
+) -> std::io::Result<()> {
+    let rtt = workload::round_trips(
+        vm,
+        uds,
+        port,
+        s.message_bytes,
+        s.round_trips / 10,
+        s.round_trips,
+    )?;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    rows.push((Row::LatencyP50, us(workload::percentile(&rtt, 50.0))));
+    rows.push((Row::LatencyP99, us(workload::percentile(&rtt, 99.0))));
+    Ok(())
+}
