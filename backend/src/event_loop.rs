@@ -129,7 +129,7 @@ impl EventLoop {
                 match ev.data {
                     LISTENER_TOKEN => self.accept_frontend()?,
                     FRONTEND_TOKEN => self.frontend_request()?,
-                    MUXER_TOKEN => lock(&self.device).muxer.process_host_events(),
+                    MUXER_TOKEN => lock(&self.device).process_host_events(),
                     SIGNAL_TOKEN => {
                         if let Some(sig) = self.signals.take() {
                             info!("{sig} received: exiting");

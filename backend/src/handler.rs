@@ -103,7 +103,13 @@ pub struct VsockDevice {
     pub muxer: Muxer<UnixHost>,
     chain: Chain,
     rx_chains: Vec<Chain>,
+    /// TX heads the muxer is done with, on their way to the used ring.
+    completed_tx: Vec<u16>,
 }
+
+/// The muxer may hold at most 1/4 of the TX queue's chains parked while
+/// host streams are full, so the guest keeps room for other connections.
+const PARKED_SHARE_OF_TX_QUEUE: usize = 4;
 
 fn err_io(e: io::Error) -> VhostError {
     VhostError::ReqHandlerError(e)
@@ -126,6 +132,7 @@ impl VsockDevice {
             muxer,
             chain: Chain::new(),
             rx_chains: (0..RX_BATCH).map(|_| Chain::new()).collect(),
+            completed_tx: Vec::new(),
         }
     }
 
@@ -145,6 +152,8 @@ impl VsockDevice {
 
     /// The frontend went away: forget the session, drop every connection.
     pub fn end_session(&mut self) {
+        // Connections first: parked TX chains point into guest memory.
+        self.muxer.reset();
         for q in 0..NUM_QUEUES {
             self.stop_ring(q);
         }
@@ -152,7 +161,6 @@ impl VsockDevice {
         self.memory = None;
         self.acked_features = 0;
         self.acked_protocol_features = 0;
-        self.muxer.reset();
     }
 
     fn queue(&self, index: u32) -> VhostResult<usize> {
@@ -208,6 +216,10 @@ impl VsockDevice {
             ring.next_avail(),
             ring.next_used()
         );
+        if q == TX_QUEUE {
+            self.muxer
+                .set_park_limit(usize::from(ring.size()) / PARKED_SHARE_OF_TX_QUEUE);
+        }
         self.vrings[q].ring = Some(ring);
         if !self.protocol_features_acked() {
             self.vrings[q].enabled = true;
@@ -319,6 +331,44 @@ impl VsockDevice {
         }
     }
 
+    /// Host events: host streams read, written and closed, new host
+    /// clients; then TX chains the muxer finished with go back to the
+    /// guest.
+    pub fn process_host_events(&mut self) {
+        self.muxer.process_host_events();
+        self.return_completed_tx();
+    }
+
+    /// Puts the TX chains the muxer is done with on the used ring and
+    /// publishes them. With no TX ring (the session ended) there is nobody
+    /// to return them to.
+    fn return_completed_tx(&mut self) {
+        self.muxer.take_completed_tx(&mut self.completed_tx);
+        if self.completed_tx.is_empty() {
+            return;
+        }
+        let (Some(memory), Some(ring)) = (&self.memory, self.vrings[TX_QUEUE].ring.as_mut()) else {
+            debug!(
+                "{} TX chains finished with no TX ring",
+                self.completed_tx.len()
+            );
+            return;
+        };
+        let mem = &memory.mem;
+        let result = self
+            .completed_tx
+            .iter()
+            .try_for_each(|&head| ring.push_used(mem, head, 0));
+        self.end_batch(TX_QUEUE, result);
+    }
+
+    /// Returns every parked TX chain, their bytes copied out of guest
+    /// memory: before the memory is remapped or the TX ring stops.
+    fn unpark_tx(&mut self) {
+        self.muxer.unpark_all();
+        self.return_completed_tx();
+    }
+
     fn process_tx(&mut self) {
         let Some(memory) = &self.memory else { return };
         let mem = &memory.mem;
@@ -337,8 +387,13 @@ impl VsockDevice {
                             // stays mapped for this whole call; every iovec
                             // lies inside it.
                             let pkt = unsafe { GuestIovs::new(chain.readable()) };
-                            muxer.handle_tx(&pkt);
-                            ring.push_used(mem, chain.head(), 0)?;
+                            // SAFETY: `mem` stays mapped until `unpark_tx`
+                            // has run: `set_mem_table` and the TX ring's
+                            // stop call it first, and `end_session` resets
+                            // the muxer before unmapping.
+                            if unsafe { muxer.handle_tx_parking(chain.head(), &pkt) } {
+                                ring.push_used(mem, chain.head(), 0)?;
+                            }
                         }
                         Err(e) => give_back_malformed(ring, mem, "TX", e)?,
                     }
@@ -349,6 +404,8 @@ impl VsockDevice {
             }
         })();
         self.end_batch(TX_QUEUE, result);
+        // Chains of connections the guest reset in this batch.
+        self.return_completed_tx();
     }
 
     fn process_rx(&mut self) {
@@ -496,6 +553,8 @@ impl VhostUserBackendReqHandlerMut for VsockDevice {
             .collect();
         let table = MemoryTable::map(specs).map_err(invalid)?;
         info!("guest memory table: {} regions", ctx.len());
+        // Parked TX chains point into the old mapping.
+        self.unpark_tx();
         self.memory = Some(table);
         // Running rings keep their indices over the new mapping.
         for q in 0..NUM_QUEUES {
@@ -546,6 +605,9 @@ impl VhostUserBackendReqHandlerMut for VsockDevice {
         // Finish what the ring holds before it stops.
         if q != EVENT_QUEUE && self.running(q) {
             self.process_queues();
+        }
+        if q == TX_QUEUE {
+            self.unpark_tx();
         }
         let base = self.stop_ring(q);
         self.vrings[q].enabled = false;

@@ -22,10 +22,12 @@
 //! a SHUTDOWN(SEND) to the guest once every byte before it reached the guest.
 //!
 //! Credit invariants, with all counters wrapping u32 as on the wire:
-//! * guest to host: `rx_cnt - fwd_cnt == txbuf.len() <= buf_alloc`; `fwd_cnt`
-//!   counts bytes the host stream accepted, so the credit the guest sees is
-//!   backed by room in our buffer and a slow host reader costs at most
-//!   `buf_alloc` bytes.
+//! * guest to host: `rx_cnt - fwd_cnt == parked.bytes() + txbuf.len() <=
+//!   buf_alloc`; `fwd_cnt` counts bytes the host stream accepted. Bytes the
+//!   host stream has not taken wait in guest memory, in TX chains parked on
+//!   the connection (see `parked`), or, past the parking limits, in our
+//!   buffer; either way a slow host reader holds at most `buf_alloc` bytes,
+//!   and parked bytes come before buffered ones.
 //! * host to guest: we read from the host only what the guest has room for,
 //!   `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`; the rest waits in the host
 //!   socket, which pushes back on the host writer.
@@ -39,6 +41,7 @@ use crate::connect_line::LineParser;
 use crate::host::HostStream;
 use crate::iov::{write_fd, GuestIovs, IovWindow};
 use crate::packet::*;
+use crate::parked::Parked;
 use crate::txbuf::TxBuf;
 use crate::ConnKey;
 
@@ -98,6 +101,7 @@ pub(crate) struct Connection<S> {
     fwd_cnt: Wrapping<u32>,
     rx_cnt: Wrapping<u32>,
     last_fwd_cnt_sent: Wrapping<u32>,
+    pub parked: Parked,
     txbuf: TxBuf,
     // Host to guest.
     peer_buf_alloc: u32,
@@ -132,6 +136,7 @@ impl<S: HostStream> Connection<S> {
             fwd_cnt: Wrapping(0),
             rx_cnt: Wrapping(0),
             last_fwd_cnt_sent: Wrapping(0),
+            parked: Parked::default(),
             txbuf: TxBuf::new(buf_alloc as usize),
             peer_buf_alloc: 0,
             peer_fwd_cnt: Wrapping(0),
@@ -240,16 +245,30 @@ impl<S: HostStream> Connection<S> {
         }
     }
 
-    /// Forwards `len` payload bytes that follow the header in `pkt`.
-    pub fn on_rw(
+    /// Forwards `len` payload bytes that follow the header in `pkt`, chain
+    /// `park` of the TX queue if it may be parked. Returns true when it
+    /// was: the chain is then returned through `completed` later.
+    ///
+    /// # Safety
+    ///
+    /// With `park` set, as [`Parked::push`].
+    pub unsafe fn on_rw(
         &mut self,
         pkt: &GuestIovs<'_>,
         len: usize,
+        park: Option<u16>,
         scratch: &mut Vec<libc::iovec>,
-    ) -> Result<(), ConnError> {
+    ) -> Result<bool, ConnError> {
+        let unforwarded = (self.rx_cnt - self.fwd_cnt).0 as usize;
+        if unforwarded + len > self.buf_alloc as usize {
+            return Err(ConnError::CreditExceeded {
+                len,
+                free: (self.buf_alloc as usize).saturating_sub(unforwarded),
+            });
+        }
         self.rx_cnt += Wrapping(len as u32);
         let mut written = 0;
-        if self.txbuf.is_empty() && len > 0 {
+        if self.parked.is_empty() && self.txbuf.is_empty() && len > 0 {
             let window = pkt.window(HEADER_SIZE_BYTES, len, scratch);
             match window.writev_to(self.stream.as_raw_fd()) {
                 Ok(n) => written = n,
@@ -263,27 +282,63 @@ impl<S: HostStream> Connection<S> {
         }
         self.fwd_cnt += Wrapping(written as u32);
         let rest = len - written;
+        let mut parked = false;
         if rest > 0 {
-            let free = self.txbuf.free();
-            self.txbuf
-                .push_guest(pkt, HEADER_SIZE_BYTES + written, rest)
-                .map_err(|()| ConnError::CreditExceeded { len: rest, free })?;
+            if let Some(head) = park.filter(|_| self.txbuf.is_empty()) {
+                // SAFETY: the caller's contract.
+                parked = unsafe {
+                    self.parked
+                        .push(head, pkt, HEADER_SIZE_BYTES + written, rest)
+                };
+            }
+            if !parked {
+                let free = self.txbuf.free();
+                self.txbuf
+                    .push_guest(pkt, HEADER_SIZE_BYTES + written, rest)
+                    .map_err(|()| ConnError::CreditExceeded { len: rest, free })?;
+            }
+        }
+        self.settle();
+        Ok(parked)
+    }
+
+    /// The host stream became writable: push out parked, then buffered,
+    /// guest bytes. Heads of parked chains fully written go to `completed`.
+    pub fn on_host_writable(
+        &mut self,
+        scratch: &mut Vec<libc::iovec>,
+        completed: &mut Vec<u16>,
+    ) -> Result<(), ConnError> {
+        let fd = self.stream.as_raw_fd();
+        if !self.parked.is_empty() {
+            let n = self
+                .parked
+                .write_to(fd, scratch, completed)
+                .map_err(ConnError::HostWrite)?;
+            self.fwd_cnt += Wrapping(n as u32);
+        }
+        if self.parked.is_empty() && !self.txbuf.is_empty() {
+            let n = self.txbuf.flush_to(fd).map_err(ConnError::HostWrite)?;
+            self.fwd_cnt += Wrapping(n as u32);
         }
         self.settle();
         Ok(())
     }
 
-    /// The host stream became writable: push out buffered guest bytes.
-    pub fn on_host_writable(&mut self) -> Result<(), ConnError> {
-        if !self.txbuf.is_empty() {
-            let n = self
-                .txbuf
-                .flush_to(self.stream.as_raw_fd())
-                .map_err(ConnError::HostWrite)?;
-            self.fwd_cnt += Wrapping(n as u32);
+    /// Copies parked bytes into the buffer and returns their chains
+    /// (guest memory is about to be remapped, or the ring stopped).
+    pub fn unpark(&mut self, completed: &mut Vec<u16>) {
+        if self.parked.copy_out(&mut self.txbuf, completed).is_err() {
+            // Cannot happen while the credit invariant holds; if it did,
+            // the bytes could not be kept, so the stream is broken.
+            warn!(
+                "{}: {} parked bytes do not fit the buffer: resetting",
+                self.key,
+                self.parked.bytes()
+            );
+            self.parked.abandon(completed);
+            self.reset();
         }
-        self.settle();
-        Ok(())
     }
 
     /// The guest sent SHUTDOWN with `flags`.
@@ -295,7 +350,7 @@ impl<S: HostStream> Connection<S> {
     /// Applies what waits for the buffer to drain, and decides on credit
     /// updates.
     fn settle(&mut self) {
-        if self.txbuf.is_empty() {
+        if self.parked.is_empty() && self.txbuf.is_empty() {
             if self.peer_shutdown & SHUTDOWN_SEND != 0 && !self.host_write_shut {
                 self.host_write_shut = true;
                 if let Err(e) = self.stream.shutdown_write() {

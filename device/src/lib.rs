@@ -13,6 +13,7 @@ mod host;
 mod iov;
 mod muxer;
 pub mod packet;
+mod parked;
 mod txbuf;
 
 use std::fmt;

@@ -71,7 +71,16 @@ pub struct Muxer<H: Host> {
     scratch: Vec<libc::iovec>,
     events: Vec<epoll::Event>,
     stats: MuxerStats,
+    /// TX chain heads done with, for the backend to return to the used ring.
+    completed_tx: Vec<u16>,
+    /// TX chains parked over all connections, and the most allowed.
+    parked_chains: usize,
+    park_limit: usize,
 }
+
+/// Most TX chains one connection parks; later ones are copied. Four 64 KiB
+/// packets keep a stream busy while the host reader catches up.
+pub const MAX_PARKED_PER_CONN: usize = 4;
 
 impl<H: Host> Muxer<H> {
     /// A device with no connections, polling `host`'s listener.
@@ -97,6 +106,9 @@ impl<H: Host> Muxer<H> {
             scratch: Vec::with_capacity(32),
             events: vec![epoll::Event::new(epoll::Events::empty(), 0); EVENTS_PER_WAIT],
             stats: MuxerStats::default(),
+            completed_tx: Vec::new(),
+            parked_chains: 0,
+            park_limit: 0,
         })
     }
 
@@ -129,6 +141,8 @@ impl<H: Host> Muxer<H> {
     /// Drops every connection (device reset, or the frontend went away).
     /// Host streams are closed; the guest is not told (its driver is gone).
     pub fn reset(&mut self) {
+        self.completed_tx.clear();
+        self.parked_chains = 0;
         let n = self.connection_count();
         if n > 0 {
             info!("device reset: closing {n} connections");
@@ -174,9 +188,12 @@ impl<H: Host> Muxer<H> {
     }
 
     fn remove(&mut self, slot: usize) {
-        let Some(conn) = self.conns.get_mut(slot).and_then(Option::take) else {
+        let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) else {
             return;
         };
+        let before = self.completed_tx.len();
+        conn.parked.abandon(&mut self.completed_tx);
+        self.parked_chains -= self.completed_tx.len() - before;
         let _ = epoll::ctl(
             self.epoll.as_raw_fd(),
             epoll::ControlOptions::EPOLL_CTL_DEL,
@@ -240,8 +257,59 @@ impl<H: Host> Muxer<H> {
     }
 
     /// Handles one packet the guest sent: `pkt` is the readable part of a TX
-    /// descriptor chain, header first.
+    /// descriptor chain, header first. The chain can be returned at once.
     pub fn handle_tx(&mut self, pkt: &GuestIovs<'_>) {
+        self.handle_tx_inner(pkt, None);
+    }
+
+    /// [`Muxer::handle_tx`] for chain `head`, which the device may keep
+    /// (park) while the host stream is full. Returns true when the chain
+    /// can be returned now; otherwise its head comes back later from
+    /// [`Muxer::take_completed_tx`].
+    ///
+    /// # Safety
+    ///
+    /// `pkt`'s buffers must stay mapped until `head` comes back from
+    /// [`Muxer::take_completed_tx`], or [`Muxer::unpark_all`] or
+    /// [`Muxer::reset`] is called: call `unpark_all` before guest memory
+    /// is remapped or the TX ring stops.
+    pub unsafe fn handle_tx_parking(&mut self, head: u16, pkt: &GuestIovs<'_>) -> bool {
+        !self.handle_tx_inner(pkt, Some(head))
+    }
+
+    /// How many TX chains the device may hold in all (a share of the TX
+    /// queue, so other connections keep room in the ring); 0 disables
+    /// parking.
+    pub fn set_park_limit(&mut self, chains: usize) {
+        self.park_limit = chains;
+    }
+
+    /// TX chains held now.
+    pub fn parked_chains(&self) -> usize {
+        self.parked_chains
+    }
+
+    /// Moves the heads of TX chains done with into `out` (cleared first).
+    pub fn take_completed_tx(&mut self, out: &mut Vec<u16>) {
+        out.clear();
+        std::mem::swap(out, &mut self.completed_tx);
+    }
+
+    /// Copies the bytes of every parked TX chain into its connection's
+    /// buffer and completes the chains.
+    pub fn unpark_all(&mut self) {
+        if self.parked_chains == 0 {
+            return;
+        }
+        debug!("unparking {} TX chains", self.parked_chains);
+        for conn in self.conns.iter_mut().flatten() {
+            conn.unpark(&mut self.completed_tx);
+        }
+        self.parked_chains = 0;
+    }
+
+    /// Returns true when the chain was parked.
+    fn handle_tx_inner(&mut self, pkt: &GuestIovs<'_>, head: Option<u16>) -> bool {
         let mut raw = [0u8; HEADER_SIZE_BYTES];
         if pkt.read_at(0, &mut raw) < HEADER_SIZE_BYTES {
             self.stats.bad_packets += 1;
@@ -249,7 +317,7 @@ impl<H: Host> Muxer<H> {
                 "dropping TX buffer of {} bytes: shorter than a vsock header",
                 pkt.len()
             );
-            return;
+            return false;
         }
         let hdr = PacketHeader::from_bytes(&raw);
         debug!("tx {hdr:?}");
@@ -259,23 +327,26 @@ impl<H: Host> Muxer<H> {
                 "dropping packet with bad addresses (guest CID is {}): {hdr:?}",
                 self.cfg.guest_cid
             );
-            return;
+            return false;
         }
         let payload = pkt.len() - HEADER_SIZE_BYTES;
         if hdr.type_() != TYPE_STREAM {
-            return self.reject(&hdr, "unsupported socket type");
+            self.reject(&hdr, "unsupported socket type");
+            return false;
         }
         let len = hdr.len() as usize;
         if hdr.op() == OP_RW {
             if len != payload {
-                return self.reject(&hdr, &format!("header len {len}, buffer holds {payload}"));
+                self.reject(&hdr, &format!("header len {len}, buffer holds {payload}"));
+                return false;
             }
         } else if len != 0 || payload != 0 {
-            return self.reject(&hdr, "control packet with payload");
+            self.reject(&hdr, "control packet with payload");
+            return false;
         }
         let key = ConnKey::of_guest_packet(&hdr);
         let Some(slot) = self.by_key.get(&key).copied() else {
-            return match hdr.op() {
+            match hdr.op() {
                 OP_REQUEST => self.guest_connect(&hdr, key),
                 OP_RST => {}
                 OP_RESPONSE | OP_RW | OP_SHUTDOWN | OP_CREDIT_UPDATE | OP_CREDIT_REQUEST => {
@@ -283,29 +354,38 @@ impl<H: Host> Muxer<H> {
                     self.orphan_rst(&hdr);
                 }
                 _ => self.reject(&hdr, "unknown op"),
-            };
+            }
+            return false;
         };
-        self.handle_conn_packet(slot, &hdr, pkt, len);
+        let parked = self.handle_conn_packet(slot, &hdr, pkt, len, head);
         self.enqueue(slot);
+        parked
     }
 
+    /// Returns true when the packet's chain was parked.
     fn handle_conn_packet(
         &mut self,
         slot: usize,
         hdr: &PacketHeader,
         pkt: &GuestIovs<'_>,
         len: usize,
-    ) {
+        head: Option<u16>,
+    ) -> bool {
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-            return;
+            return false;
         };
         if hdr.op() == OP_RST {
             debug!("{}: guest RST", conn.key);
-            return self.remove(slot);
+            self.remove(slot);
+            return false;
         }
         if conn.is_closing() {
-            return;
+            return false;
         }
+        let park = head.filter(|_| {
+            self.parked_chains < self.park_limit && conn.parked.len() < MAX_PARKED_PER_CONN
+        });
+        let mut parked = false;
         conn.update_peer_credit(hdr);
         let established = matches!(conn.state, State::Established);
         let result = match hdr.op() {
@@ -314,7 +394,11 @@ impl<H: Host> Muxer<H> {
             }),
             OP_RW if established => {
                 let scratch = &mut self.scratch;
-                conn.on_rw(pkt, len, scratch)
+                // SAFETY: `park` is set only from `handle_tx_parking`, whose
+                // contract is `on_rw`'s.
+                unsafe { conn.on_rw(pkt, len, park, scratch) }.map(|p| {
+                    parked = p;
+                })
             }
             OP_SHUTDOWN if established => {
                 conn.on_shutdown(hdr.flags());
@@ -327,14 +411,22 @@ impl<H: Host> Muxer<H> {
             }
             OP_REQUEST | OP_RESPONSE | OP_RW | OP_SHUTDOWN => {
                 let state = format!("{:?}", conn.state);
-                return self.reject(hdr, &format!("unexpected in state {state}"));
+                self.reject(hdr, &format!("unexpected in state {state}"));
+                return false;
             }
-            _ => return self.reject(hdr, "unknown op"),
+            _ => {
+                self.reject(hdr, "unknown op");
+                return false;
+            }
         };
         if let Err(e) = result {
             warn!("{}: resetting connection: {e}", conn.key);
             self.reset_conn(slot);
         }
+        if parked {
+            self.parked_chains += 1;
+        }
+        parked
     }
 
     /// The guest connects to host port `key.local_port`.
@@ -476,7 +568,13 @@ impl<H: Host> Muxer<H> {
             conn.host_readable = true;
         }
         if flags.intersects(E::EPOLLOUT | E::EPOLLERR) && !conn.is_closing() {
-            if let Err(e) = conn.on_host_writable() {
+            let before = self.completed_tx.len();
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            let result = conn.on_host_writable(&mut self.scratch, &mut self.completed_tx);
+            self.parked_chains -= self.completed_tx.len() - before;
+            if let Err(e) = result {
                 warn!("{}: resetting connection: {e}", conn.key);
                 self.reset_conn(slot);
             }

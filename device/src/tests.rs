@@ -64,6 +64,9 @@ struct Rig {
     mux: Muxer<TestHost>,
     accepted: Accepted,
     path: PathBuf,
+    /// Buffers of chains sent with `tx_parking`: they stay allocated (the
+    /// device may hold them) until the rig is dropped.
+    kept: Vec<Vec<u8>>,
 }
 
 fn hdr(op: u16, src_port: u32, dst_port: u32, len: u32) -> PacketHeader {
@@ -82,6 +85,10 @@ fn hdr(op: u16, src_port: u32, dst_port: u32, len: u32) -> PacketHeader {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with_buf_alloc(BUF_ALLOC)
+    }
+
+    fn with_buf_alloc(buf_alloc: u32) -> Rig {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("vsockd-dev-{}-{n}.sock", std::process::id()));
@@ -97,12 +104,13 @@ impl Rig {
         };
         let cfg = MuxerConfig {
             guest_cid: GUEST_CID,
-            buf_alloc: BUF_ALLOC,
+            buf_alloc,
         };
         Rig {
             mux: Muxer::new(cfg, host).unwrap(),
             accepted,
             path,
+            kept: Vec::new(),
         }
     }
 
@@ -131,6 +139,38 @@ impl Rig {
 
     fn tx(&mut self, h: &PacketHeader, payload: &[u8]) {
         self.tx_split(h, payload, &[]);
+    }
+
+    /// Sends chain `head` (header, then payload in a second buffer) the way
+    /// the backend does, letting the device park it. True: returned now.
+    fn tx_parking(&mut self, head: u16, h: &PacketHeader, payload: &[u8]) -> bool {
+        let mut hb = h.as_slice().to_vec();
+        let mut pb = payload.to_vec();
+        let iovs = [
+            libc::iovec {
+                iov_base: hb.as_mut_ptr().cast(),
+                iov_len: hb.len(),
+            },
+            libc::iovec {
+                iov_base: pb.as_mut_ptr().cast(),
+                iov_len: pb.len(),
+            },
+        ];
+        // SAFETY: both buffers move into `kept` below without their heap
+        // storage moving, and stay there until the rig (and its muxer) is
+        // dropped; nothing else touches them.
+        let pkt = unsafe { GuestIovs::new(&iovs) };
+        // SAFETY: as above, the buffers outlive every use the muxer makes.
+        let done = unsafe { self.mux.handle_tx_parking(head, &pkt) };
+        self.kept.push(hb);
+        self.kept.push(pb);
+        done
+    }
+
+    fn completed(&mut self) -> Vec<u16> {
+        let mut v = Vec::new();
+        self.mux.take_completed_tx(&mut v);
+        v
     }
 
     /// Takes the next RX packet into a buffer of `size` bytes.
@@ -464,6 +504,122 @@ fn credit_update_after_a_quarter_of_buf_alloc_forwarded() {
     host.read_exact(&mut got).unwrap();
     assert_eq!(&got[..quarter - 1], &small[..]);
     assert_eq!(got[quarter - 1], 2);
+}
+
+/// Fills a host stream's socket buffer from the guest side: returns the
+/// bytes sent. The guest keeps to its credit.
+fn fill_host_socket(rig: &mut Rig, gport: u32, hport: u32) -> usize {
+    let chunk = vec![0u8; 4096];
+    let mut sent = 0;
+    loop {
+        rig.tx(&hdr(OP_RW, gport, hport, chunk.len() as u32), &chunk);
+        sent += chunk.len();
+        while rig.rx().is_some() {}
+        if rig.mux.connection_count() == 0 || sent > 4 << 20 {
+            panic!("could not fill the host socket");
+        }
+        // A chain sent with parking allowed that is kept tells it is full.
+        let probe = [9u8; 1];
+        if !rig.tx_parking(0xffff, &hdr(OP_RW, gport, hport, 1), &probe) {
+            return sent + 1;
+        }
+        sent += 1;
+    }
+}
+
+/// A full host stream parks TX chains instead of copying them: they come
+/// back once the host reads, in order, with every byte; past the
+/// per-connection limit chains are copied and returned at once.
+#[test]
+fn full_host_stream_parks_chains_until_written() {
+    const BIG: u32 = 1 << 20;
+    // A roomy buf_alloc, so credit is not what stops the guest.
+    let mut rig = Rig::with_buf_alloc(BIG);
+    rig.mux.set_park_limit(64);
+    rig.tx(&hdr(OP_REQUEST, 1007, 86, 0), &[]);
+    rig.rx_op(OP_RESPONSE);
+    let (_, mut host) = rig.accepted.borrow_mut().pop().unwrap();
+    let filled = fill_host_socket(&mut rig, 1007, 86);
+    assert_eq!(rig.mux.parked_chains(), 1);
+    assert!(rig.completed().is_empty(), "a parked chain is not returned");
+    // Three more park (four per connection), the fifth is copied.
+    let payloads: Vec<Vec<u8>> = (0..5u8).map(|i| vec![10 + i; 1000]).collect();
+    for (i, p) in payloads.iter().enumerate() {
+        let done = rig.tx_parking(i as u16, &hdr(OP_RW, 1007, 86, 1000), p);
+        assert_eq!(done, i >= 3, "chain {i}");
+    }
+    assert_eq!(rig.mux.parked_chains(), 4);
+    // The host reads everything: the parked chains complete in order.
+    host.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let want = filled + 5000;
+    let mut completed = Vec::new();
+    for _ in 0..100_000 {
+        match host.read(&mut buf) {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        rig.mux.process_host_events();
+        completed.extend(rig.completed());
+        if got.len() == want {
+            break;
+        }
+    }
+    assert_eq!(got.len(), want);
+    assert_eq!(completed, [0xffff, 0, 1, 2]);
+    assert_eq!(rig.mux.parked_chains(), 0);
+    assert_eq!(got[filled - 1], 9, "the probe byte");
+    for (i, p) in payloads.iter().enumerate() {
+        let at = filled + i * 1000;
+        assert_eq!(&got[at..at + 1000], &p[..], "payload {i} in order");
+    }
+}
+
+/// Before guest memory is remapped the parked bytes are copied out: the
+/// chains are returned at once, and the bytes still reach the host, in
+/// order. A connection reset returns its parked chains too.
+#[test]
+fn unpark_copies_parked_bytes_and_reset_returns_chains() {
+    let mut rig = Rig::new();
+    rig.mux.set_park_limit(64);
+    let mut host = rig.guest_connect(1008, 87);
+    let filled = fill_host_socket(&mut rig, 1008, 87);
+    let extra = vec![0x77u8; 100];
+    assert!(!rig.tx_parking(5, &hdr(OP_RW, 1008, 87, 100), &extra));
+    rig.mux.unpark_all();
+    let mut c = rig.completed();
+    c.sort_unstable();
+    assert_eq!(c, [5, 0xffff]);
+    assert_eq!(rig.mux.parked_chains(), 0);
+    // The buffers may change now: the device no longer reads them.
+    for b in rig.kept.iter_mut() {
+        b.fill(0xee);
+    }
+    host.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    for _ in 0..100_000 {
+        match host.read(&mut buf) {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        rig.mux.process_host_events();
+        if got.len() == filled + 100 {
+            break;
+        }
+    }
+    assert_eq!(got.len(), filled + 100);
+    assert_eq!(got[filled - 1], 9);
+    assert!(got[filled..].iter().all(|&b| b == 0x77));
+    // Park again, then the guest resets the connection: the chain returns.
+    fill_host_socket(&mut rig, 1008, 87);
+    assert_eq!(rig.mux.parked_chains(), 1);
+    rig.tx(&hdr(OP_RST, 1008, 87, 0), &[]);
+    assert_eq!(rig.completed(), [0xffff]);
+    assert_eq!(rig.mux.parked_chains(), 0);
 }
 
 #[test]

@@ -74,6 +74,31 @@ impl TxBuf {
         Ok(())
     }
 
+    /// Puts `len` bytes of `src` starting at `offset` before everything
+    /// held (bytes that come earlier in the stream). Fails without copying
+    /// anything if they do not fit.
+    pub fn push_front_guest(
+        &mut self,
+        src: &GuestIovs<'_>,
+        offset: usize,
+        len: usize,
+    ) -> Result<(), ()> {
+        if len > self.free() || offset + len > src.len() {
+            return Err(());
+        }
+        if self.data.is_empty() && len > 0 {
+            self.data = vec![0u8; self.capacity].into_boxed_slice();
+            self.head = 0;
+        }
+        let start = (self.head + self.capacity - len) % self.capacity.max(1);
+        let first = len.min(self.capacity - start);
+        src.read_at(offset, &mut self.data[start..start + first]);
+        src.read_at(offset + first, &mut self.data[..len - first]);
+        self.head = start;
+        self.len += len;
+        Ok(())
+    }
+
     /// Writes as much as `fd` takes; returns bytes written. Frees the
     /// storage once empty so idle connections cost no buffer memory.
     pub fn flush_to(&mut self, fd: RawFd) -> io::Result<usize> {
