@@ -527,6 +527,29 @@ fn fill_host_socket(rig: &mut Rig, gport: u32, hport: u32) -> usize {
     }
 }
 
+/// The host reads `want` bytes while the device runs its host events;
+/// returns them and the TX heads completed meanwhile.
+fn drain_host(rig: &mut Rig, host: &mut UnixStream, want: usize) -> (Vec<u8>, Vec<u16>) {
+    host.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut completed = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    for _ in 0..100_000 {
+        match host.read(&mut buf) {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        rig.mux.process_host_events();
+        completed.extend(rig.completed());
+        if got.len() >= want {
+            break;
+        }
+    }
+    assert_eq!(got.len(), want);
+    (got, completed)
+}
+
 /// A full host stream parks TX chains instead of copying them: they come
 /// back once the host reads, in order, with every byte; past the
 /// per-connection limit chains are copied and returned at once.
@@ -550,24 +573,7 @@ fn full_host_stream_parks_chains_until_written() {
     }
     assert_eq!(rig.mux.parked_chains(), 4);
     // The host reads everything: the parked chains complete in order.
-    host.set_nonblocking(true).unwrap();
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let want = filled + 5000;
-    let mut completed = Vec::new();
-    for _ in 0..100_000 {
-        match host.read(&mut buf) {
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => panic!("{e}"),
-        }
-        rig.mux.process_host_events();
-        completed.extend(rig.completed());
-        if got.len() == want {
-            break;
-        }
-    }
-    assert_eq!(got.len(), want);
+    let (got, completed) = drain_host(&mut rig, &mut host, filled + 5000);
     assert_eq!(completed, [0xffff, 0, 1, 2]);
     assert_eq!(rig.mux.parked_chains(), 0);
     assert_eq!(got[filled - 1], 9, "the probe byte");
@@ -597,21 +603,7 @@ fn unpark_copies_parked_bytes_and_reset_returns_chains() {
     for b in rig.kept.iter_mut() {
         b.fill(0xee);
     }
-    host.set_nonblocking(true).unwrap();
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    for _ in 0..100_000 {
-        match host.read(&mut buf) {
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => panic!("{e}"),
-        }
-        rig.mux.process_host_events();
-        if got.len() == filled + 100 {
-            break;
-        }
-    }
-    assert_eq!(got.len(), filled + 100);
+    let (got, _) = drain_host(&mut rig, &mut host, filled + 100);
     assert_eq!(got[filled - 1], 9);
     assert!(got[filled..].iter().all(|&b| b == 0x77));
     // Park again, then the guest resets the connection: the chain returns.
