@@ -113,20 +113,7 @@ impl VirtualVm {
 
     pub fn connect_timeout(&self, port: u32, timeout: Duration) -> io::Result<VStream> {
         let id = self.inner.connect(port, timeout)?;
-        Ok(self.stream(id))
-    }
-
-    fn stream(&self, id: u64) -> VStream {
-        let info = self.inner.info(id).expect("new connection");
-        VStream {
-            inner: self.inner.clone(),
-            id,
-            local_port: info.local_port,
-            peer_port: info.peer_port,
-            read_timeout: Mutex::new(self.inner.opts.io_timeout),
-            write_timeout: Mutex::new(self.inner.opts.io_timeout),
-            closed: false,
-        }
+        VStream::open(&self.inner, id)
     }
 
     /// Listens on guest port `port`.
@@ -339,6 +326,20 @@ pub struct VStream {
 }
 
 impl VStream {
+    /// The stream of connection `id`, with the VM's default timeouts.
+    fn open(inner: &Arc<Inner>, id: u64) -> io::Result<VStream> {
+        let info = inner.info(id)?;
+        Ok(VStream {
+            inner: inner.clone(),
+            id,
+            local_port: info.local_port,
+            peer_port: info.peer_port,
+            read_timeout: Mutex::new(inner.opts.io_timeout),
+            write_timeout: Mutex::new(inner.opts.io_timeout),
+            closed: false,
+        })
+    }
+
     pub fn local_port(&self) -> u32 {
         self.local_port
     }
@@ -482,16 +483,7 @@ impl VListener {
     /// Waits up to `timeout` for a connection.
     pub fn accept(&self, timeout: Duration) -> io::Result<VStream> {
         let id = self.inner.accept(self.port, Some(timeout))?;
-        let info = self.inner.info(id)?;
-        Ok(VStream {
-            inner: self.inner.clone(),
-            id,
-            local_port: info.local_port,
-            peer_port: info.peer_port,
-            read_timeout: Mutex::new(self.inner.opts.io_timeout),
-            write_timeout: Mutex::new(self.inner.opts.io_timeout),
-            closed: false,
-        })
+        VStream::open(&self.inner, id)
     }
 }
 
