@@ -1,0 +1,241 @@
+//! The fd store: descriptors the keeper holds for the worker, by id, so
+//! that they outlive the worker.
+//!
+//! The worker deposits a descriptor (a [`Kind::Fds`] frame) as soon as it
+//! has one the session needs: guest memory regions, kick and call eventfds,
+//! each host connection socket. It withdraws ids it no longer needs. A new
+//! worker receives every stored descriptor with its id, then
+//! [`Kind::HandoverEnd`].
+//!
+//! Ordering rule that makes recovery exact: a descriptor is deposited
+//! before any record in the state region names its id, and withdrawn only
+//! after no record names it. A worker that dies in between leaves an id no
+//! record names; its successor withdraws such ids after adoption
+//! ([`FdSet::unreferenced`]). Frames on the link are processed in order, so
+//! a deposit sent before the worker died is stored before the hand-over to
+//! the next worker starts.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::channel::{ids_payload, Channel, Frame, Kind};
+
+/// Ids of descriptors the keeper itself puts in the store.
+pub mod well_known {
+    /// The state region's memfd.
+    pub const STATE_REGION: u64 = 1;
+    /// The host listener (`--uds-path`).
+    pub const HOST_LISTENER: u64 = 2;
+    /// First id of the range the worker allocates from.
+    pub const FIRST_WORKER_ID: u64 = 1 << 16;
+}
+
+/// The keeper's side: descriptors by id.
+#[derive(Debug, Default)]
+pub struct FdStore {
+    fds: BTreeMap<u64, OwnedFd>,
+}
+
+impl FdStore {
+    /// Stores `fd` under `id`, closing what was stored there before.
+    pub fn deposit(&mut self, id: u64, fd: OwnedFd) {
+        self.fds.insert(id, fd);
+    }
+
+    /// Applies a worker's frame: a deposit or a withdrawal. Other frames
+    /// are returned untouched.
+    pub fn apply(&mut self, frame: Frame) -> Result<Option<Frame>, io::Error> {
+        match frame.kind {
+            Kind::Fds => {
+                let ids = frame.ids();
+                if ids.len() != frame.fds.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("deposit of {} ids with {} fds", ids.len(), frame.fds.len()),
+                    ));
+                }
+                for (id, fd) in ids.into_iter().zip(frame.fds) {
+                    self.deposit(id, fd);
+                }
+                Ok(None)
+            }
+            Kind::Withdraw => {
+                for id in frame.ids() {
+                    self.fds.remove(&id);
+                }
+                Ok(None)
+            }
+            _ => Ok(Some(frame)),
+        }
+    }
+
+    /// Sends every stored descriptor to a new worker, then
+    /// [`Kind::HandoverEnd`] with `started` (workers started before).
+    pub fn hand_over(&self, link: &Channel, started: u64) -> io::Result<()> {
+        let items: Vec<(u64, RawFd)> = self
+            .fds
+            .iter()
+            .map(|(&id, fd)| (id, fd.as_raw_fd()))
+            .collect();
+        link.send_fds(&items)?;
+        link.send(Kind::HandoverEnd, 0, started, &[], &[])
+    }
+
+    /// Number of descriptors held.
+    pub fn len(&self) -> usize {
+        self.fds.len()
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.fds.is_empty()
+    }
+
+    /// True when `id` is held.
+    pub fn contains(&self, id: u64) -> bool {
+        self.fds.contains_key(&id)
+    }
+
+    /// Closes everything except the well-known descriptors (the session
+    /// ended).
+    pub fn clear_session(&mut self) {
+        self.fds.retain(|&id, _| id < well_known::FIRST_WORKER_ID);
+    }
+}
+
+/// The worker's side: what the hand-over delivered, to be taken by id
+/// while adopting.
+#[derive(Debug, Default)]
+pub struct FdSet {
+    fds: BTreeMap<u64, OwnedFd>,
+}
+
+impl FdSet {
+    /// Receives a hand-over on `link`: every [`Kind::Fds`] frame up to
+    /// [`Kind::HandoverEnd`], whose `id` is returned with the set.
+    pub fn receive(link: &Channel) -> io::Result<(Self, u64)> {
+        let mut set = FdSet::default();
+        loop {
+            let Some(frame) = link.recv()? else {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the keeper closed the link during the hand-over",
+                ));
+            };
+            match frame.kind {
+                Kind::Fds => {
+                    let ids = frame.ids();
+                    if ids.len() != frame.fds.len() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "hand-over frame with mismatched ids and fds",
+                        ));
+                    }
+                    set.fds.extend(ids.into_iter().zip(frame.fds));
+                }
+                Kind::HandoverEnd => return Ok((set, frame.id)),
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{other:?} frame during the hand-over"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Takes the descriptor stored under `id`.
+    pub fn take(&mut self, id: u64) -> Option<OwnedFd> {
+        self.fds.remove(&id)
+    }
+
+    /// A duplicate of the descriptor under `id`, leaving it in the set.
+    pub fn dup(&self, id: u64) -> Option<OwnedFd> {
+        self.fds.get(&id).and_then(|fd| fd.try_clone().ok())
+    }
+
+    /// Ids left in the set after adoption took what it needed: nothing
+    /// refers to them any more. Drops their descriptors here.
+    pub fn unreferenced(&mut self) -> Vec<u64> {
+        let ids = self.fds.keys().copied().collect();
+        self.fds.clear();
+        ids
+    }
+
+    /// Insert (tests and `--no-keeper` start-up).
+    pub fn insert(&mut self, id: u64, fd: OwnedFd) {
+        self.fds.insert(id, fd);
+    }
+}
+
+/// The worker's handle for deposits and withdrawals.
+pub trait FdKeeper {
+    /// Keeps duplicates of `fds` under `ids`.
+    fn deposit(&self, items: &[(u64, RawFd)]) -> io::Result<()>;
+    /// Forgets `ids`.
+    fn withdraw(&self, ids: &[u64]) -> io::Result<()>;
+}
+
+impl FdKeeper for Channel {
+    fn deposit(&self, items: &[(u64, RawFd)]) -> io::Result<()> {
+        self.send_fds(items)
+    }
+
+    fn withdraw(&self, ids: &[u64]) -> io::Result<()> {
+        for chunk in ids.chunks(crate::channel::MAX_FDS_PER_FRAME) {
+            self.send(Kind::Withdraw, 0, 0, &ids_payload(chunk), &[])?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn null() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    #[test]
+    fn deposits_withdrawals_and_hand_over() {
+        let (keeper_end, worker_end) = Channel::pair().unwrap();
+        let mut store = FdStore::default();
+        store.deposit(well_known::STATE_REGION, null());
+        let a = null();
+        let b = null();
+        worker_end
+            .deposit(&[(100_000, a.as_raw_fd()), (100_001, b.as_raw_fd())])
+            .unwrap();
+        worker_end.withdraw(&[100_000]).unwrap();
+        worker_end.send(Kind::Ready, 0, 1, &[], &[]).unwrap();
+        for _ in 0..2 {
+            let f = keeper_end.recv().unwrap().unwrap();
+            assert!(store.apply(f).unwrap().is_none());
+        }
+        let f = keeper_end.recv().unwrap().unwrap();
+        assert_eq!(store.apply(f).unwrap().map(|f| f.kind), Some(Kind::Ready));
+        assert_eq!(store.len(), 2);
+        assert!(store.contains(100_001) && !store.contains(100_000));
+
+        store.hand_over(&keeper_end, 3).unwrap();
+        let (mut set, started) = FdSet::receive(&worker_end).unwrap();
+        assert_eq!(started, 3);
+        assert!(set.take(well_known::STATE_REGION).is_some());
+        assert_eq!(set.unreferenced(), vec![100_001]);
+
+        store.clear_session();
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn a_deposit_with_missing_fds_is_refused() {
+        let (keeper_end, worker_end) = Channel::pair().unwrap();
+        worker_end
+            .send(Kind::Fds, 0, 0, &ids_payload(&[1, 2]), &[])
+            .unwrap();
+        let f = keeper_end.recv().unwrap().unwrap();
+        assert!(FdStore::default().apply(f).is_err());
+    }
+}

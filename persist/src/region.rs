@@ -1,0 +1,400 @@
+//! The state region: one memfd that every worker incarnation maps, laid out
+//! as a versioned header followed by fixed parts.
+//!
+//! ```text
+//!   header        magic, layout version, geometry, worker generation
+//!   session       SessionRecord (A/B record)
+//!   rings         RX batch commit record, next connection uid
+//!   inflight[2]   inflight logs of the RX and TX queues (vhost-user layout)
+//!   tx_meta       one TxMeta per TX descriptor head
+//!   slots         one ConnRecord (A/B record) per connection slot
+//!   data          one buffer area per connection slot, page aligned
+//! ```
+//!
+//! The geometry (largest queue size, number of slots, bytes of each data
+//! area) comes from the command line and is recorded in the header; every
+//! offset follows from it, so a successor with the same geometry finds
+//! every part where its predecessor left it. A region with another layout
+//! version or geometry is refused with an error naming the difference.
+//!
+//! A new memfd reads as zeroes; the first worker formats it (header last,
+//! so a region whose header is in place is completely formatted).
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vm_memory::ByteValued;
+
+use crate::inflight::{inflight_bytes, InflightLog};
+use crate::record::{record_bytes, Record};
+use crate::session::SessionRecord;
+use crate::shm::{page_size, SharedMemory};
+use crate::slot::{ConnRecord, TxMeta};
+use crate::PersistError;
+
+/// "VSOCKDST": a vsockd state region.
+pub const MAGIC: [u8; 8] = *b"VSOCKDST";
+/// Layout version this build reads and writes.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Bytes reserved for the header.
+const HEADER_BYTES: usize = 4096;
+/// Bytes reserved for the rings part.
+const RINGS_BYTES: usize = 64;
+
+/// The sizes every offset follows from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Largest queue size the device accepts.
+    pub max_queue_size: u16,
+    /// Connection slots.
+    pub conn_slots: u32,
+    /// Bytes of each slot's data area (a multiple of the page size).
+    pub conn_data_bytes: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Header {
+    magic: [u8; 8],
+    version: u32,
+    header_bytes: u32,
+    region_bytes: u64,
+    generation: u64,
+    max_queue_size: u32,
+    conn_slots: u32,
+    conn_data_bytes: u64,
+}
+
+// SAFETY: `repr(C)`, integers and a byte array, no padding (48 bytes).
+unsafe impl ByteValued for Header {}
+
+/// Commit state of the RX queue and the connection uid counter.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RingsState {
+    /// RX batch being committed (its slots written, used->idx maybe not
+    /// yet published).
+    pub rx_pending_batch: u64,
+    /// Last RX batch known published.
+    pub rx_confirmed_batch: u64,
+    /// Used index the pending batch publishes.
+    pub rx_pending_used: u16,
+    pub _pad: [u16; 3],
+    /// Next connection uid to hand out.
+    pub next_conn_uid: u64,
+}
+
+// SAFETY: `repr(C)`, integers, no padding (8 + 8 + 2 + 6 + 8 = 32 bytes).
+unsafe impl ByteValued for RingsState {}
+
+/// Offsets of the parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    session: usize,
+    rings: usize,
+    inflight: [usize; 2],
+    tx_meta: usize,
+    slots: usize,
+    slot_stride: usize,
+    data: usize,
+    total: usize,
+}
+
+impl Layout {
+    fn of(g: &Geometry) -> Result<Self, PersistError> {
+        let page = page_size();
+        let align = |n: usize| n.next_multiple_of(64);
+        let session = HEADER_BYTES;
+        let rings = session + align(record_bytes::<SessionRecord>());
+        let inflight0 = rings + RINGS_BYTES;
+        let log = inflight_bytes(g.max_queue_size);
+        let inflight1 = inflight0 + log;
+        let tx_meta = inflight1 + log;
+        let slots = tx_meta + align(std::mem::size_of::<TxMeta>() * usize::from(g.max_queue_size));
+        let slot_stride = align(record_bytes::<ConnRecord>());
+        let data = (slots + slot_stride * g.conn_slots as usize).next_multiple_of(page);
+        let data_bytes = usize::try_from(g.conn_data_bytes)
+            .ok()
+            .filter(|n| n % page == 0)
+            .ok_or_else(|| {
+                PersistError::Geometry(format!(
+                    "data area of {} bytes is not a multiple of the page size",
+                    g.conn_data_bytes
+                ))
+            })?;
+        let total = (g.conn_slots as usize)
+            .checked_mul(data_bytes)
+            .and_then(|n| n.checked_add(data))
+            .ok_or_else(|| PersistError::Geometry(format!("{g:?} is too large")))?;
+        Ok(Layout {
+            session,
+            rings,
+            inflight: [inflight0, inflight1],
+            tx_meta,
+            slots,
+            slot_stride,
+            data,
+            total,
+        })
+    }
+}
+
+/// The mapped state region.
+#[derive(Debug, Clone)]
+pub struct Region {
+    shm: Arc<SharedMemory>,
+    geometry: Geometry,
+    layout: Layout,
+}
+
+// SAFETY: the mapping is plain shared memory that lives as long as the
+// `SharedMemory`; moving it between threads changes nothing.
+unsafe impl Send for SharedMemory {}
+// SAFETY: as above; concurrent access goes through atomics or is excluded
+// by the single-writer rule of each part.
+unsafe impl Sync for SharedMemory {}
+
+impl Region {
+    /// Maps the region in `fd` (a memfd), formatting it if it is new.
+    /// Returns the region and whether it was new.
+    pub fn open(fd: OwnedFd, geometry: Geometry) -> Result<(Self, bool), PersistError> {
+        let layout = Layout::of(&geometry)?;
+        let existing = SharedMemory::file_len(&fd)?;
+        let shm = Arc::new(SharedMemory::map(fd, layout.total)?);
+        let region = Region {
+            shm,
+            geometry,
+            layout,
+        };
+        let header = region.header();
+        if existing == 0 || header.magic == [0; 8] {
+            region.format();
+            return Ok((region, true));
+        }
+        if header.magic != MAGIC {
+            return Err(PersistError::NotARegion);
+        }
+        if header.version > LAYOUT_VERSION {
+            return Err(PersistError::LayoutTooNew {
+                found: header.version,
+                known: LAYOUT_VERSION,
+            });
+        }
+        if header.version < LAYOUT_VERSION {
+            return Err(PersistError::LayoutUnsupported {
+                found: header.version,
+            });
+        }
+        let found = Geometry {
+            max_queue_size: header.max_queue_size as u16,
+            conn_slots: header.conn_slots,
+            conn_data_bytes: header.conn_data_bytes,
+        };
+        if found != geometry || header.region_bytes != layout.total as u64 {
+            return Err(PersistError::Geometry(format!(
+                "the region was laid out for {found:?}, this worker expects {geometry:?}"
+            )));
+        }
+        Ok((region, false))
+    }
+
+    fn header(&self) -> Header {
+        // SAFETY: the header lies at the start of the mapping, which is
+        // larger than HEADER_BYTES.
+        unsafe { std::ptr::read_volatile(self.shm.as_ptr().cast::<Header>()) }
+    }
+
+    fn format(&self) {
+        // SAFETY: every part lies inside the mapping (`Layout::of` sized
+        // it); nothing else uses the region while it is formatted.
+        unsafe { std::ptr::write_bytes(self.shm.as_ptr(), 0, self.layout.data) };
+        let header = Header {
+            magic: MAGIC,
+            version: LAYOUT_VERSION,
+            header_bytes: HEADER_BYTES as u32,
+            region_bytes: self.layout.total as u64,
+            generation: 0,
+            max_queue_size: u32::from(self.geometry.max_queue_size),
+            conn_slots: self.geometry.conn_slots,
+            conn_data_bytes: self.geometry.conn_data_bytes,
+        };
+        std::sync::atomic::fence(Ordering::Release);
+        // SAFETY: as `header`.
+        unsafe { std::ptr::write_volatile(self.shm.as_ptr().cast::<Header>(), header) };
+    }
+
+    fn keep(&self) -> Option<Arc<dyn Send + Sync>> {
+        Some(self.shm.clone())
+    }
+
+    fn at(&self, offset: usize) -> *mut u8 {
+        debug_assert!(offset < self.shm.len());
+        // SAFETY: callers pass offsets of parts inside the mapping.
+        unsafe { self.shm.as_ptr().add(offset) }
+    }
+
+    fn generation_field(&self) -> &AtomicU64 {
+        let offset = std::mem::offset_of!(Header, generation);
+        // SAFETY: the field is 8-aligned inside the header; AtomicU64 has
+        // u64's layout.
+        unsafe { &*self.at(offset).cast::<AtomicU64>() }
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The memfd.
+    pub fn fd(&self) -> &OwnedFd {
+        self.shm.fd()
+    }
+
+    /// Generation of the worker that owns the region now (0: none yet).
+    pub fn generation(&self) -> u64 {
+        self.generation_field().load(Ordering::Acquire)
+    }
+
+    /// Takes the region over for a new worker: returns its generation.
+    pub fn next_generation(&self) -> u64 {
+        self.generation_field().fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The session record. One writer at a time.
+    pub fn session(&self) -> Record<SessionRecord> {
+        // SAFETY: the session part is 8-aligned and sized for the record.
+        unsafe { Record::at(self.at(self.layout.session), self.keep()) }
+    }
+
+    /// The rings part, for reading and writing in place.
+    pub fn rings(&self) -> *mut RingsState {
+        self.at(self.layout.rings).cast()
+    }
+
+    /// The inflight log of queue `q` (0 RX, 1 TX). One writer at a time.
+    pub fn inflight(&self, q: usize) -> Option<InflightLog> {
+        let offset = *self.layout.inflight.get(q)?;
+        // SAFETY: the log part is 64-aligned and sized for the largest
+        // queue.
+        Some(unsafe { InflightLog::at(self.at(offset), self.geometry.max_queue_size, self.keep()) })
+    }
+
+    /// The TX metadata table: one entry per descriptor head.
+    pub fn tx_meta(&self) -> *mut TxMeta {
+        self.at(self.layout.tx_meta).cast()
+    }
+
+    /// Connection slot `i`. One writer at a time.
+    pub fn slot(&self, i: u32) -> Option<Record<ConnRecord>> {
+        if i >= self.geometry.conn_slots {
+            return None;
+        }
+        let offset = self.layout.slots + self.layout.slot_stride * i as usize;
+        // SAFETY: slot `i` exists, is 64-aligned and sized for the record.
+        Some(unsafe { Record::at(self.at(offset), self.keep()) })
+    }
+
+    /// Start and length of slot `i`'s data area.
+    pub fn data(&self, i: u32) -> Option<(*mut u8, usize)> {
+        if i >= self.geometry.conn_slots {
+            return None;
+        }
+        let len = self.geometry.conn_data_bytes as usize;
+        Some((self.at(self.layout.data + len * i as usize), len))
+    }
+
+    /// Gives back the pages of slot `i`'s data area (they read as zero).
+    pub fn discard_data(&self, i: u32) {
+        if i < self.geometry.conn_slots {
+            let len = self.geometry.conn_data_bytes as usize;
+            self.shm.discard(self.layout.data + len * i as usize, len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geometry() -> Geometry {
+        Geometry {
+            max_queue_size: 256,
+            conn_slots: 4,
+            conn_data_bytes: 64 * 1024,
+        }
+    }
+
+    fn memfd() -> OwnedFd {
+        SharedMemory::create_fd(c"vsockd-test").unwrap()
+    }
+
+    fn dup(fd: &OwnedFd) -> OwnedFd {
+        fd.try_clone().unwrap()
+    }
+
+    #[test]
+    fn formats_once_and_keeps_what_was_written() {
+        let fd = memfd();
+        let (r, fresh) = Region::open(dup(&fd), geometry()).unwrap();
+        assert!(fresh);
+        assert_eq!(r.next_generation(), 1);
+        let s = SessionRecord {
+            msg_seq: 42,
+            ..Default::default()
+        };
+        r.session().write(&s);
+        let (ptr, len) = r.data(3).unwrap();
+        // SAFETY: the data area of slot 3 is `len` bytes.
+        unsafe { std::ptr::write_bytes(ptr, 0xab, len) };
+        drop(r);
+        let (r, fresh) = Region::open(dup(&fd), geometry()).unwrap();
+        assert!(!fresh);
+        assert_eq!(r.generation(), 1);
+        assert_eq!(r.session().read().unwrap().body.msg_seq, 42);
+        let (ptr, len) = r.data(3).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { *ptr.add(len - 1) }, 0xab);
+        r.discard_data(3);
+        // SAFETY: as above.
+        assert_eq!(unsafe { *ptr.add(len - 1) }, 0);
+        assert!(r.slot(4).is_none());
+        assert!(r.inflight(2).is_none());
+    }
+
+    #[test]
+    fn refuses_other_geometry_versions_and_files() {
+        let fd = memfd();
+        Region::open(dup(&fd), geometry()).unwrap();
+        let mut other = geometry();
+        other.conn_slots = 5;
+        let e = Region::open(dup(&fd), other).unwrap_err();
+        assert!(e.to_string().contains("laid out for"), "{e}");
+        // A newer layout version.
+        let (r, _) = Region::open(dup(&fd), geometry()).unwrap();
+        // SAFETY: `version` lies in the header.
+        unsafe { *r.at(8).cast::<u32>() = LAYOUT_VERSION + 1 };
+        let e = Region::open(dup(&fd), geometry()).unwrap_err();
+        assert!(matches!(e, PersistError::LayoutTooNew { .. }), "{e}");
+        // Something else entirely.
+        // SAFETY: the magic lies in the header.
+        unsafe { *r.at(0) = b'X' };
+        let e = Region::open(dup(&fd), geometry()).unwrap_err();
+        assert!(matches!(e, PersistError::NotARegion), "{e}");
+        let mut bad = geometry();
+        bad.conn_data_bytes = 1000;
+        assert!(Region::open(memfd(), bad).is_err());
+    }
+
+    #[test]
+    fn parts_do_not_overlap() {
+        let l = Layout::of(&geometry()).unwrap();
+        assert!(l.session + record_bytes::<SessionRecord>() <= l.rings);
+        assert!(l.rings + std::mem::size_of::<RingsState>() <= l.inflight[0]);
+        assert!(l.inflight[0] + inflight_bytes(256) <= l.inflight[1]);
+        assert!(l.inflight[1] + inflight_bytes(256) <= l.tx_meta);
+        assert!(l.tx_meta + 256 * std::mem::size_of::<TxMeta>() <= l.slots);
+        assert!(l.slots + 4 * l.slot_stride <= l.data);
+        assert_eq!(l.total, l.data + 4 * 64 * 1024);
+    }
+}
