@@ -70,6 +70,10 @@ pub struct SplitRing {
     next_avail: Wrapping<u16>,
     next_used: Wrapping<u16>,
     published: Wrapping<u16>,
+    /// Heads of the staged used elements, kept when asked for
+    /// ([`SplitRing::track_used_heads`]) so an inflight log can be told
+    /// which chains a publish returned.
+    staged_heads: Option<Vec<u16>>,
 }
 
 impl SplitRing {
@@ -115,7 +119,58 @@ impl SplitRing {
             next_avail: Wrapping(next_avail),
             next_used: used_idx,
             published: used_idx,
+            staged_heads: None,
         })
+    }
+
+    /// Keeps the heads of used elements until [`SplitRing::take_published_heads`].
+    pub fn track_used_heads(&mut self) {
+        self.staged_heads = Some(Vec::with_capacity(usize::from(self.size)));
+    }
+
+    /// Moves the heads published so far into `out` (cleared first); call
+    /// after [`SplitRing::publish`].
+    pub fn take_published_heads(&mut self, out: &mut Vec<u16>) {
+        out.clear();
+        let staged = usize::from(self.staged());
+        if let Some(heads) = &mut self.staged_heads {
+            let n = heads.len().saturating_sub(staged);
+            out.extend(heads.drain(..n));
+        }
+    }
+
+    /// The value last stored in `used->idx`.
+    pub fn published(&self) -> u16 {
+        self.published.0
+    }
+
+    /// Reads `used->idx` from guest memory.
+    pub fn guest_used_idx(mem: &GuestMemory, addrs: &RingAddresses) -> Result<u16, RingError> {
+        let idx: u16 = mem.load(GuestAddress(addrs.used + 2), Ordering::Acquire)?;
+        Ok(u16::from_le(idx))
+    }
+
+    /// Reads the head id in used element `pos` (taken modulo the queue
+    /// size) from guest memory, for recovery. `None` if it is unreadable or
+    /// not a valid head.
+    pub fn used_head_at(&self, mem: &GuestMemory, pos: u16) -> Option<u16> {
+        let slot = u64::from(pos % self.size);
+        let addr = GuestAddress(self.addrs.used + RING_HEADER_BYTES + slot * USED_ELEM_BYTES);
+        let elem: UsedElem = mem.read_obj(addr).ok()?;
+        u16::try_from(u32::from_le(elem.id))
+            .ok()
+            .filter(|&h| h < self.size)
+    }
+
+    /// Walks the chain starting at `head` without popping anything: a chain
+    /// popped by a previous process, resubmitted after recovery.
+    pub fn walk_head(
+        &self,
+        mem: &GuestMemory,
+        chain: &mut Chain,
+        head: u16,
+    ) -> Result<(), ChainError> {
+        chain.walk(mem, GuestAddress(self.addrs.desc), self.size, head)
     }
 
     /// Queue size.
@@ -208,6 +263,9 @@ impl SplitRing {
         };
         mem.write_obj(elem, addr)?;
         self.next_used += Wrapping(1);
+        if let Some(heads) = &mut self.staged_heads {
+            heads.push(head);
+        }
         Ok(())
     }
 

@@ -278,3 +278,51 @@ fn bad_ring_addresses_and_sizes_are_refused() {
     );
     assert!(SplitRing::new(&m, 16, ok, false, 0).is_ok());
 }
+
+#[test]
+fn published_heads_are_reported_and_readable_for_recovery() {
+    let m = mem();
+    let q = MockSplitQueue::new(&m, QSIZE);
+    for i in 0..3u16 {
+        q.add_desc_chains(
+            &[desc(DATA + u64::from(i) * 0x100, 64, VIRTQ_DESC_F_WRITE, 0)],
+            i,
+        )
+        .unwrap();
+    }
+    let mut r = ring(&m, &q, false);
+    r.track_used_heads();
+    let mut c = Chain::new();
+    let mut heads = Vec::new();
+    for _ in 0..3 {
+        assert!(matches!(r.pop(&m, &mut c), Ok(Some(Ok(())))));
+        heads.push(c.head());
+    }
+    // Returned out of order: 2 and 0 published, 1 staged after.
+    r.push_used(&m, heads[2], 0).unwrap();
+    r.push_used(&m, heads[0], 0).unwrap();
+    r.publish(&m).unwrap();
+    r.push_used(&m, heads[1], 0).unwrap();
+    let mut out = vec![99];
+    r.take_published_heads(&mut out);
+    assert_eq!(out, [heads[2], heads[0]]);
+    assert_eq!(r.published(), 2);
+    r.publish(&m).unwrap();
+    r.take_published_heads(&mut out);
+    assert_eq!(out, [heads[1]]);
+    // What recovery reads back from guest memory.
+    let addrs = RingAddresses {
+        desc: q.desc_table_addr().0,
+        avail: q.avail_addr().0,
+        used: USED,
+    };
+    assert_eq!(SplitRing::guest_used_idx(&m, &addrs).unwrap(), 3);
+    assert_eq!(r.used_head_at(&m, 1), Some(heads[0]));
+    assert_eq!(r.used_head_at(&m, QSIZE + 2), Some(heads[1]));
+    // A chain walked again by its head, without popping.
+    let next = r.next_avail();
+    r.walk_head(&m, &mut c, heads[1]).unwrap();
+    assert_eq!((c.head(), c.writable_len()), (heads[1], 64));
+    assert_eq!(r.next_avail(), next);
+    assert!(r.walk_head(&m, &mut c, QSIZE).is_err());
+}
