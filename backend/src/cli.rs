@@ -55,6 +55,16 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(4096..=64 * 1024 * 1024))]
     pub buf_alloc: u32,
 
+    /// Run the worker alone, without the keeper process: no survival of a
+    /// worker crash (for debugging, and to measure what survival costs).
+    #[arg(long)]
+    pub no_keeper: bool,
+
+    /// Internal: run as the worker of a keeper, linked to it by this
+    /// inherited descriptor.
+    #[arg(long, value_name = "FD", hide = true)]
+    pub worker_link: Option<i32>,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,

@@ -32,6 +32,12 @@ pub enum BackendError {
     /// The event loop's epoll set failed.
     #[error("epoll: {0}")]
     Epoll(#[source] io::Error),
+    /// The keeper-worker link failed.
+    #[error("keeper link: {0}")]
+    Link(#[source] io::Error),
+    /// The state region could not be created or adopted.
+    #[error(transparent)]
+    Persist(#[from] vsockd_persist::PersistError),
     /// The vsock device could not be created.
     #[error(transparent)]
     Device(#[from] vsockd_device::DeviceError),

@@ -1,6 +1,9 @@
-//! The one thread of a device: an epoll loop over the vhost-user listener,
-//! the frontend connection, the queues' kick eventfds and the muxer's host
-//! events.
+//! The one thread of a device: an epoll loop over where control messages
+//! come from, the queues' kick eventfds and the muxer's host events.
+//!
+//! Control messages come from the keeper's link (see `worker_link`), or,
+//! with `--no-keeper`, straight from the vhost-user listener and the
+//! frontend connection.
 //!
 //! Each wakeup handles every ready event, then processes both queues once
 //! (TX before RX, so that replies a TX packet causes go out in the same
@@ -20,14 +23,20 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::error::BackendError;
 use crate::handler::{kick_token, DeviceConfig, VsockDevice, RX_QUEUE, TX_QUEUE};
+use crate::persistence::Persistence;
 use crate::signals::ExitSignals;
 use crate::unix_host::UnixHost;
+use crate::worker_link::{KeeperLink, LinkEvent};
 use vsockd_device::{Muxer, MuxerConfig};
+use vsockd_persist::channel::FLAG_CLOSE;
+use vsockd_persist::fdstore::well_known::FIRST_WORKER_ID;
+use vsockd_persist::{Channel, FdSet, Kind, Region};
 
 const LISTENER_TOKEN: u64 = 1;
 const FRONTEND_TOKEN: u64 = 2;
 const MUXER_TOKEN: u64 = 3;
 const SIGNAL_TOKEN: u64 = 4;
+const LINK_TOKEN: u64 = 5;
 const EVENTS_PER_WAIT: usize = 64;
 
 type Handler = BackendReqHandler<Mutex<VsockDevice>>;
@@ -44,11 +53,22 @@ fn lock(dev: &Mutex<VsockDevice>) -> MutexGuard<'_, VsockDevice> {
     dev.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Where control messages come from.
+enum Control {
+    /// `--no-keeper`: the vhost-user listener, and the frontend once one
+    /// connected.
+    Direct {
+        listener: UnixListener,
+        frontend: Option<Handler>,
+    },
+    /// The keeper's link.
+    Keeper(KeeperLink),
+}
+
 struct EventLoop {
     epoll: OwnedFd,
-    listener: UnixListener,
+    control: Control,
     device: Arc<Mutex<VsockDevice>>,
-    frontend: Option<Handler>,
     signals: ExitSignals,
 }
 
@@ -59,7 +79,10 @@ impl EventLoop {
     }
 
     fn accept_frontend(&mut self) -> Result<(), BackendError> {
-        let stream = match self.listener.accept() {
+        let Control::Direct { listener, frontend } = &mut self.control else {
+            return Ok(());
+        };
+        let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) => {
@@ -73,17 +96,18 @@ impl EventLoop {
         }
         info!("frontend connected: session starts");
         let fd = stream.as_raw_fd();
-        self.frontend = Some(BackendReqHandler::from_stream(stream, self.device.clone()));
-        self.ctl(
-            epoll::ControlOptions::EPOLL_CTL_DEL,
-            self.listener.as_raw_fd(),
-            LISTENER_TOKEN,
-        )?;
+        *frontend = Some(BackendReqHandler::from_stream(stream, self.device.clone()));
+        let lfd = listener.as_raw_fd();
+        self.ctl(epoll::ControlOptions::EPOLL_CTL_DEL, lfd, LISTENER_TOKEN)?;
         self.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, fd, FRONTEND_TOKEN)
     }
 
     fn end_session(&mut self) -> Result<(), BackendError> {
-        if let Some(handler) = self.frontend.take() {
+        let Control::Direct { listener, frontend } = &mut self.control else {
+            return Ok(());
+        };
+        let lfd = listener.as_raw_fd();
+        if let Some(handler) = frontend.take() {
             let _ = epoll::ctl(
                 self.epoll.as_raw_fd(),
                 epoll::ControlOptions::EPOLL_CTL_DEL,
@@ -93,15 +117,15 @@ impl EventLoop {
         }
         lock(&self.device).end_session();
         info!("session ended; waiting for the next frontend");
-        self.ctl(
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            self.listener.as_raw_fd(),
-            LISTENER_TOKEN,
-        )
+        self.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, lfd, LISTENER_TOKEN)
     }
 
     fn frontend_request(&mut self) -> Result<(), BackendError> {
-        let Some(handler) = self.frontend.as_mut() else {
+        let Control::Direct {
+            frontend: Some(handler),
+            ..
+        } = &mut self.control
+        else {
             return Ok(());
         };
         match handler.handle_request() {
@@ -129,9 +153,23 @@ impl EventLoop {
                 match ev.data {
                     LISTENER_TOKEN => self.accept_frontend()?,
                     FRONTEND_TOKEN => self.frontend_request()?,
+                    LINK_TOKEN => {
+                        if let Control::Keeper(link) = &mut self.control {
+                            if let LinkEvent::KeeperGone = link.on_readable(&self.device) {
+                                info!("the keeper is gone: exiting");
+                                return Ok(());
+                            }
+                        }
+                    }
                     MUXER_TOKEN => lock(&self.device).process_host_events(),
                     SIGNAL_TOKEN => {
                         if let Some(sig) = self.signals.take() {
+                            if let Control::Keeper(_) = self.control {
+                                // The session is the keeper's to end: leave
+                                // it as it is, for the next worker.
+                                info!("{sig} received: worker exiting");
+                                return Ok(());
+                            }
                             info!("{sig} received: exiting");
                             lock(&self.device).end_session();
                             return Ok(());
@@ -152,16 +190,31 @@ impl EventLoop {
     }
 }
 
-/// Serves frontends on `listener`, bridging to `host`, until SIGTERM or
-/// SIGINT.
-pub fn serve(listener: UnixListener, host: UnixHost, cfg: ServeConfig) -> Result<(), BackendError> {
+/// What every loop has: its epoll set (already polling the exit signals
+/// and the muxer), the device and the signals.
+struct Parts {
+    epoll: OwnedFd,
+    device: Arc<Mutex<VsockDevice>>,
+    signals: ExitSignals,
+}
+
+impl Parts {
+    fn into_loop(self, control: Control) -> EventLoop {
+        EventLoop {
+            epoll: self.epoll,
+            control,
+            device: self.device,
+            signals: self.signals,
+        }
+    }
+}
+
+/// The device, and an epoll set polling the exit signals and its muxer.
+fn build(host: UnixHost, cfg: &ServeConfig) -> Result<Parts, BackendError> {
     let signals = ExitSignals::new().map_err(BackendError::Epoll)?;
     let fd = epoll::create(true).map_err(BackendError::Epoll)?;
     // SAFETY: `epoll::create` returned a new descriptor that we own.
     let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-    listener
-        .set_nonblocking(true)
-        .map_err(BackendError::Epoll)?;
     let muxer = Muxer::new(
         MuxerConfig {
             guest_cid: cfg.device.guest_cid,
@@ -175,23 +228,87 @@ pub fn serve(listener: UnixListener, host: UnixHost, cfg: ServeConfig) -> Result
     // thread (its chains hold raw pointers into guest memory).
     #[allow(clippy::arc_with_non_send_sync)]
     let device = Arc::new(Mutex::new(device));
-    let mut el = EventLoop {
+    for (fd, token) in [(signals.fd(), SIGNAL_TOKEN), (muxer_fd, MUXER_TOKEN)] {
+        let ev = epoll::Event::new(epoll::Events::EPOLLIN, token);
+        epoll::ctl(
+            epoll.as_raw_fd(),
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            fd,
+            ev,
+        )
+        .map_err(BackendError::Epoll)?;
+    }
+    Ok(Parts {
         epoll,
-        listener,
         device,
-        frontend: None,
         signals,
+    })
+}
+
+/// Serves frontends on `listener`, bridging to `host`, until SIGTERM or
+/// SIGINT (`--no-keeper`).
+pub fn serve(listener: UnixListener, host: UnixHost, cfg: ServeConfig) -> Result<(), BackendError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(BackendError::Epoll)?;
+    let lfd = listener.as_raw_fd();
+    let mut el = build(host, &cfg)?.into_loop(Control::Direct {
+        listener,
+        frontend: None,
+    });
+    el.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, lfd, LISTENER_TOKEN)?;
+    el.run()
+}
+
+/// Serves as a keeper's worker: adopts the session in `region` with the
+/// fds handed over, tells the keeper it is ready, and serves until the
+/// keeper goes away or a signal comes.
+pub fn serve_worker(
+    link: Channel,
+    region: Region,
+    mut fds: FdSet,
+    host: UnixHost,
+    cfg: ServeConfig,
+) -> Result<(), BackendError> {
+    let generation = region.next_generation();
+    let keeper = link.try_clone().map_err(BackendError::Link)?;
+    let link_fd = link.as_raw_fd();
+    let parts = build(host, &cfg)?;
+    let mut close = 0;
+    let (features, protocol_features) = {
+        let mut dev = lock(&parts.device);
+        let persistence = Persistence::new(region, keeper).ok_or_else(|| {
+            BackendError::Link(io::Error::other("the state region has no TX inflight log"))
+        })?;
+        dev.set_persistence(persistence);
+        match dev.adopt(&mut fds) {
+            Ok(true) => info!("worker generation {generation}: session adopted"),
+            Ok(false) => info!("worker generation {generation}: no session to adopt"),
+            Err(e) => {
+                warn!("worker generation {generation} cannot adopt the session, dropping it: {e}");
+                dev.end_session();
+                let seq = dev.persistence().map_or(0, |p| p.msg_seq);
+                dev.commit_session(seq, &[]);
+                close = FLAG_CLOSE;
+            }
+        }
+        let stale: Vec<u64> = fds
+            .unreferenced()
+            .into_iter()
+            .filter(|&id| id >= FIRST_WORKER_ID)
+            .collect();
+        if let Some(p) = dev.persistence() {
+            p.withdraw(&stale);
+        }
+        dev.features()
     };
-    el.ctl(
-        epoll::ControlOptions::EPOLL_CTL_ADD,
-        el.signals.fd(),
-        SIGNAL_TOKEN,
-    )?;
-    el.ctl(
-        epoll::ControlOptions::EPOLL_CTL_ADD,
-        el.listener.as_raw_fd(),
-        LISTENER_TOKEN,
-    )?;
-    el.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, muxer_fd, MUXER_TOKEN)?;
+    let mut keeper_link = KeeperLink::new(link, &parts.device).map_err(BackendError::Link)?;
+    keeper_link.prime(features, protocol_features);
+    keeper_link
+        .send(Kind::Ready, close, generation)
+        .map_err(BackendError::Link)?;
+    let mut el = parts.into_loop(Control::Keeper(keeper_link));
+    el.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, link_fd, LINK_TOKEN)?;
+    lock(&el.device).process_queues();
     el.run()
 }

@@ -4,11 +4,17 @@ mod cli;
 mod error;
 mod event_loop;
 mod handler;
+mod keeper;
 mod listen;
 mod memory;
+mod persistence;
 mod signals;
 mod unix_host;
+mod worker_link;
 
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -16,9 +22,15 @@ use log::info;
 
 use crate::cli::Args;
 use crate::error::BackendError;
-use crate::event_loop::{serve, ServeConfig};
+use crate::event_loop::{serve, serve_worker, ServeConfig};
 use crate::handler::DeviceConfig;
+use crate::keeper::Keeper;
 use crate::unix_host::UnixHost;
+use vsockd_persist::fdstore::well_known;
+use vsockd_persist::{Channel, FdSet, Geometry, Region};
+
+/// Connection slots in the state region.
+const CONN_SLOTS: u32 = 4096;
 
 /// Exit status for usage errors (as clap and sysexits' EX_USAGE-like tools).
 const EXIT_USAGE: u8 = 2;
@@ -53,7 +65,12 @@ fn main() -> ExitCode {
         .parse_env("VSOCKD_LOG")
         .format_timestamp_micros()
         .init();
-    match run(&args) {
+    let result = match args.worker_link {
+        Some(fd) => run_worker(&args, fd),
+        None if args.no_keeper => run_alone(&args),
+        None => run_keeper(&args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line on stderr, whether or not logging goes there too.
@@ -74,44 +91,97 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-fn run(args: &Args) -> Result<(), BackendError> {
-    // validate() made sure these are present.
-    let Some(uds_path) = args.uds_path.clone() else {
-        return Ok(());
-    };
+/// The two listening sockets (vhost-user and host), and their removal
+/// when the caller returns.
+fn listeners(args: &Args) -> Result<(UnixListener, UnixListener, RemoveOnDrop), BackendError> {
+    let uds_path = args.uds_path.clone().unwrap_or_default();
     let vhost_listener = match (&args.socket_path, args.fd) {
         (Some(path), _) => listen::bind("vhost-user socket", path)?,
-        (None, Some(fd)) => listen::adopt_fd(fd)?,
-        (None, None) => return Ok(()),
+        (_, fd) => listen::adopt_fd(fd.unwrap_or(-1))?,
     };
     let host_listener = listen::bind("host socket (--uds-path)", &uds_path)?;
     // Remove the sockets we created when we leave, however we leave.
-    let _cleanup = RemoveOnDrop(
-        [args.socket_path.clone(), Some(uds_path.clone())]
+    let cleanup = RemoveOnDrop(
+        [args.socket_path.clone(), Some(uds_path)]
             .into_iter()
             .flatten()
             .collect(),
     );
-    let host = UnixHost::new(host_listener, uds_path.clone()).map_err(BackendError::Epoll)?;
+    Ok((vhost_listener, host_listener, cleanup))
+}
+
+fn announce(args: &Args, mode: &str) {
     info!(
-        "vsockd {} serving guest CID {} ({}), host socket {}",
+        "vsockd {} serving guest CID {} ({}), host socket {}, {mode}",
         env!("CARGO_PKG_VERSION"),
         args.guest_cid,
         args.socket_path.as_ref().map_or_else(
             || format!("fd {}", args.fd.unwrap_or(-1)),
             |p| p.display().to_string()
         ),
-        host.uds_path().display()
+        args.uds_path
+            .as_deref()
+            .unwrap_or(std::path::Path::new(""))
+            .display(),
     );
-    serve(
-        vhost_listener,
-        host,
-        ServeConfig {
-            device: DeviceConfig {
-                guest_cid: args.guest_cid,
-                max_queue_size: args.queue_size,
-            },
-            buf_alloc: args.buf_alloc,
+}
+
+fn serve_config(args: &Args) -> ServeConfig {
+    ServeConfig {
+        device: DeviceConfig {
+            guest_cid: args.guest_cid,
+            max_queue_size: args.queue_size,
         },
-    )
+        buf_alloc: args.buf_alloc,
+    }
+}
+
+/// `--no-keeper`: the worker alone.
+fn run_alone(args: &Args) -> Result<(), BackendError> {
+    let (vhost_listener, host_listener, _cleanup) = listeners(args)?;
+    let uds_path = args.uds_path.clone().unwrap_or_default();
+    let host = UnixHost::new(host_listener, uds_path).map_err(BackendError::Epoll)?;
+    announce(args, "no keeper");
+    serve(vhost_listener, host, serve_config(args))
+}
+
+/// The default: a keeper that runs the worker and restarts it.
+fn run_keeper(args: &Args) -> Result<(), BackendError> {
+    let (vhost_listener, host_listener, _cleanup) = listeners(args)?;
+    announce(args, &format!("keeper pid {}", std::process::id()));
+    let worker_args = std::env::args_os().skip(1).collect();
+    Keeper::new(vhost_listener, host_listener, worker_args)?.run()
+}
+
+/// The state region's geometry for these arguments.
+fn geometry(args: &Args) -> Geometry {
+    let page = vsockd_persist::page_size() as u64;
+    Geometry {
+        max_queue_size: args.queue_size,
+        conn_slots: CONN_SLOTS,
+        conn_data_bytes: u64::from(args.buf_alloc).next_power_of_two().max(page),
+    }
+}
+
+/// A keeper's worker, linked to it by inherited descriptor `fd`.
+fn run_worker(args: &Args, fd: i32) -> Result<(), BackendError> {
+    // SAFETY: the keeper passed this descriptor for us to own.
+    let link = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) });
+    let (mut fds, _started) = FdSet::receive(&link).map_err(BackendError::Link)?;
+    let missing = |what| {
+        BackendError::Link(std::io::Error::other(format!(
+            "the hand-over lacks the {what}"
+        )))
+    };
+    let state = fds
+        .take(well_known::STATE_REGION)
+        .ok_or_else(|| missing("state region"))?;
+    let host_listener = fds
+        .take(well_known::HOST_LISTENER)
+        .ok_or_else(|| missing("host listener"))?;
+    let (region, _fresh) = Region::open(state, geometry(args))?;
+    let uds_path: PathBuf = args.uds_path.clone().unwrap_or_default();
+    let host =
+        UnixHost::new(UnixListener::from(host_listener), uds_path).map_err(BackendError::Epoll)?;
+    serve_worker(link, region, fds, host, serve_config(args))
 }

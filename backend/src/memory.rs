@@ -29,6 +29,19 @@ pub struct RegionSpec {
     pub file: File,
 }
 
+impl RegionSpec {
+    /// A region as recorded, with its file.
+    pub fn new(r: &vsockd_persist::session::MemRegionRecord, file: File) -> Self {
+        RegionSpec {
+            guest_phys_addr: r.guest_phys_addr,
+            size: r.size,
+            user_addr: r.user_addr,
+            mmap_offset: r.mmap_offset,
+            file,
+        }
+    }
+}
+
 impl MemoryTable {
     /// Maps every region shared and read-write.
     pub fn map(specs: Vec<RegionSpec>) -> Result<Self, String> {

@@ -23,11 +23,6 @@ impl UnixHost {
         listener.set_nonblocking(true)?;
         Ok(UnixHost { listener, uds_path })
     }
-
-    /// The path host clients connect to.
-    pub fn uds_path(&self) -> &Path {
-        &self.uds_path
-    }
 }
 
 impl Host for UnixHost {

@@ -208,6 +208,16 @@ impl Channel {
     /// is waiting on a non-blocking channel (`WouldBlock` is returned as an
     /// error then).
     pub fn recv(&self) -> io::Result<Option<Frame>> {
+        self.recv_flags(0)
+    }
+
+    /// [`Channel::recv`] without waiting, whatever the socket's mode:
+    /// `WouldBlock` when no frame is waiting.
+    pub fn try_recv(&self) -> io::Result<Option<Frame>> {
+        self.recv_flags(libc::MSG_DONTWAIT)
+    }
+
+    fn recv_flags(&self, flags: libc::c_int) -> io::Result<Option<Frame>> {
         let mut header = FrameHeader::default();
         let mut payload = vec![0u8; MAX_FRAME_BYTES];
         let mut iov = [
@@ -229,7 +239,13 @@ impl Channel {
         msg.msg_controllen = std::mem::size_of_val(&cmsg_buf) as _;
         let n = loop {
             // SAFETY: `msg` points at live buffers set up above.
-            let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+            let n = unsafe {
+                libc::recvmsg(
+                    self.fd.as_raw_fd(),
+                    &mut msg,
+                    libc::MSG_CMSG_CLOEXEC | flags,
+                )
+            };
             if n >= 0 {
                 break n as usize;
             }
@@ -288,6 +304,13 @@ impl Channel {
             self.send(Kind::Fds, 0, 0, &ids_payload(&ids), &fds)?;
         }
         Ok(())
+    }
+
+    /// Another handle on the same end.
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(Channel {
+            fd: self.fd.try_clone()?,
+        })
     }
 
     /// Consumes the channel, returning its descriptor.
@@ -360,6 +383,7 @@ mod tests {
             (f.kind, f.flags, f.id, f.payload.len()),
             (Kind::Reply, FLAG_CLOSE, 8, 0)
         );
+        assert_eq!(b.try_recv().unwrap_err().kind(), io::ErrorKind::WouldBlock);
         drop(a);
         assert!(b.recv().unwrap().is_none());
     }

@@ -241,6 +241,43 @@ impl Backend {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// The pid of vsockd's worker (the keeper's child), if there is one now.
+    pub fn worker_pid(&self) -> Option<u32> {
+        let keeper = self.pid()?;
+        let children =
+            std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).ok()?;
+        children.split_whitespace().next()?.parse().ok()
+    }
+
+    /// SIGKILLs vsockd's worker and waits until the keeper has started the
+    /// next one (not until it is ready: requests wait in the keeper).
+    /// Returns the pid killed.
+    pub fn kill_worker(&self, within: Duration) -> Result<u32> {
+        let deadline = Instant::now() + within;
+        let old = loop {
+            if let Some(p) = self.worker_pid() {
+                break p;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::new("vsockd has no worker process to kill"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        // SAFETY: signalling a process by pid; it is our child's child.
+        unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) };
+        loop {
+            match self.worker_pid() {
+                Some(p) if p != old => return Ok(old),
+                _ if Instant::now() > deadline => {
+                    return Err(Error::new(format!(
+                        "no new worker within {within:?} after killing {old}"
+                    )))
+                }
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
     /// Stops the backend: SIGTERM, then SIGKILL after a second.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

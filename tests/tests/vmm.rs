@@ -1622,3 +1622,40 @@ fn listener_closed_before_accept_resets_queued_connections() {
     rig.ok(g.close(), "close");
     rig.assert_clean();
 }
+
+/// vsockd's worker SIGKILLed between requests: the keeper keeps the
+/// vhost-user session, a new worker adopts it, and the device goes on
+/// serving (new connections both ways, a pause and resume).
+#[test]
+fn worker_killed_between_requests_the_device_carries_on() {
+    let mut rig = Rig::new("worker-kill-idle");
+    if rig.skip_on_peer("the peer has no keeper: its death ends the device") {
+        return;
+    }
+    let (g, h) = rig.pair(7300, true);
+    rig.check_pair(&g, &h, 40, "before the kills");
+    drop((g, h));
+    for i in 0..10u32 {
+        rig.ok(rig.backend.kill_worker(T), &format!("kill #{i}"));
+        let guest_initiated = i % 2 == 0;
+        let (g, h) = rig.pair(7301 + i, guest_initiated);
+        rig.check_pair(
+            &g,
+            &h,
+            41 + u64::from(i),
+            &format!("new connection after kill #{i}"),
+        );
+        rig.ok(g.close(), "close");
+    }
+    rig.ok(rig.backend.kill_worker(T), "kill before a pause");
+    let vm = rig.vm();
+    rig.ok(vm.stop(), "stop after a kill");
+    let stopped_at = vm.vhost_requests().len();
+    rig.ok(rig.backend.kill_worker(T), "kill while paused");
+    rig.ok(vm.resume(), "resume");
+    check_stop_resume_requests(&rig, stopped_at);
+    let (g, h) = rig.pair(7400, false);
+    rig.check_pair(&g, &h, 60, "after the pause");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}

@@ -36,10 +36,14 @@ use vhost::vhost_user::{Error as VhostError, GpuBackend, Result as VhostResult};
 use vhost::VhostUserMemoryRegionBase;
 use vsockd_device::packet::HEADER_SIZE_BYTES;
 use vsockd_device::{GuestIovs, Muxer};
+use vsockd_persist::session::{MemRegionRecord, MAX_MEM_REGIONS};
 use vsockd_ring::{Chain, RingAddresses, SplitRing};
 
 use crate::memory::{MemoryTable, RegionSpec};
+use crate::persistence::{FdSlot, Persistence};
 use crate::unix_host::UnixHost;
+
+mod adopt;
 
 /// Queue indices (virtio 1.2, 5.10.2).
 pub const RX_QUEUE: usize = 0;
@@ -77,6 +81,9 @@ struct Vring {
     base: u16,
     kick: Option<File>,
     call: Option<File>,
+    /// Fd-store ids of `kick` and `call` (with a keeper).
+    kick_id: Option<u64>,
+    call_id: Option<u64>,
     enabled: bool,
     ring: Option<SplitRing>,
     /// Base and addresses when the ring was last stopped, until it starts
@@ -105,6 +112,10 @@ pub struct VsockDevice {
     rx_chains: Vec<Chain>,
     /// TX heads the muxer is done with, on their way to the used ring.
     completed_tx: Vec<u16>,
+    /// The memory table as the frontend sent it, with fd-store ids.
+    mem_records: Vec<MemRegionRecord>,
+    /// State kept for a successor (with a keeper).
+    persist: Option<Persistence>,
 }
 
 /// The muxer may hold at most 1/4 of the TX queue's chains parked while
@@ -133,7 +144,24 @@ impl VsockDevice {
             chain: Chain::new(),
             rx_chains: (0..RX_BATCH).map(|_| Chain::new()).collect(),
             completed_tx: Vec::new(),
+            mem_records: Vec::new(),
+            persist: None,
         }
+    }
+
+    /// Keeps the session in the state region from now on.
+    pub fn set_persistence(&mut self, p: Persistence) {
+        self.persist = Some(p);
+    }
+
+    /// Acked virtio and vhost-user protocol features.
+    pub fn features(&self) -> (u64, u64) {
+        (self.acked_features, self.acked_protocol_features)
+    }
+
+    /// The persistent state, if any.
+    pub fn persistence(&mut self) -> Option<&mut Persistence> {
+        self.persist.as_mut()
     }
 
     fn offered_features() -> u64 {
@@ -159,6 +187,7 @@ impl VsockDevice {
         }
         self.vrings = Default::default();
         self.memory = None;
+        self.mem_records.clear();
         self.acked_features = 0;
         self.acked_protocol_features = 0;
     }
@@ -174,7 +203,7 @@ impl VsockDevice {
         }
     }
 
-    fn build_ring(&self, q: usize) -> Result<SplitRing, String> {
+    fn ring_addrs(&self, q: usize) -> Result<(&MemoryTable, RingAddresses), String> {
         let v = &self.vrings[q];
         let mem = self
             .memory
@@ -192,12 +221,40 @@ impl VsockDevice {
             avail: tr(a, "available")?,
             used: tr(u, "used")?,
         };
-        SplitRing::new(&mem.mem, v.size, addrs, self.event_idx(), v.base)
-            .map_err(|e| format!("queue {q}: {e}"))
+        Ok((mem, addrs))
+    }
+
+    fn build_ring(&self, q: usize) -> Result<SplitRing, String> {
+        let (mem, addrs) = self.ring_addrs(q)?;
+        let mut ring = SplitRing::new(
+            &mem.mem,
+            self.vrings[q].size,
+            addrs,
+            self.event_idx(),
+            self.vrings[q].base,
+        )
+        .map_err(|e| format!("queue {q}: {e}"))?;
+        if q == TX_QUEUE && self.persist.is_some() {
+            ring.track_used_heads();
+        }
+        Ok(ring)
     }
 
     fn start_ring(&mut self, q: usize) -> VhostResult<()> {
         let ring = self.build_ring(q).map_err(invalid)?;
+        if q == TX_QUEUE {
+            if let Some(p) = &mut self.persist {
+                // A ring starts with nothing in flight.
+                p.tx_log
+                    .format(ring.size(), ring.next_used())
+                    .map_err(|e| invalid(e.to_string()))?;
+            }
+        }
+        self.install_ring(q, ring)
+    }
+
+    /// Makes `ring` queue `q`'s running ring: polls its kick.
+    fn install_ring(&mut self, q: usize, ring: SplitRing) -> VhostResult<()> {
         if q != EVENT_QUEUE {
             if let Some(kick) = &self.vrings[q].kick {
                 let ev = epoll::Event::new(epoll::Events::EPOLLIN, kick_token(q));
@@ -230,6 +287,7 @@ impl VsockDevice {
     /// Stops a ring; returns its next available index.
     fn stop_ring(&mut self, q: usize) -> u16 {
         let v = &mut self.vrings[q];
+        v.kick_id = None;
         if let Some(kick) = v.kick.take() {
             let _ = epoll::ctl(
                 self.loop_epoll,
@@ -324,10 +382,25 @@ impl VsockDevice {
         if let Err(e) = result {
             warn!("queue {q}: {e}");
         }
-        match ring.publish(&memory.mem) {
-            Ok(true) => self.notify(q),
-            Ok(false) => {}
-            Err(e) => warn!("queue {q}: {e}"),
+        let notify = match ring.publish(&memory.mem) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("queue {q}: {e}");
+                false
+            }
+        };
+        if q == TX_QUEUE {
+            if let Some(p) = &mut self.persist {
+                // The chains are the driver's again: out of the log.
+                ring.take_published_heads(&mut p.published);
+                for &head in &p.published {
+                    p.tx_log.clear(head);
+                }
+                p.tx_log.set_used_idx(ring.published());
+            }
+        }
+        if notify {
+            self.notify(q);
         }
     }
 
@@ -377,10 +450,18 @@ impl VsockDevice {
         };
         let chain = &mut self.chain;
         let muxer = &mut self.muxer;
+        let mut log = self.persist.as_mut().map(|p| &mut p.tx_log);
         let result: Result<(), vsockd_ring::RingError> = (|| {
             loop {
                 ring.disable_notification(mem)?;
                 while let Some(popped) = ring.pop(mem, chain)? {
+                    if let Some(log) = log.as_deref_mut() {
+                        let head = match &popped {
+                            Ok(()) => chain.head(),
+                            Err(e) => e.head,
+                        };
+                        log.mark(head);
+                    }
                     match popped {
                         Ok(()) => {
                             // SAFETY: the chain was walked over `mem`, which
@@ -540,22 +621,46 @@ impl VhostUserBackendReqHandlerMut for VsockDevice {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
-        let specs = ctx
+        if ctx.len() > MAX_MEM_REGIONS || ctx.len() != files.len() {
+            return Err(invalid(format!(
+                "memory table of {} regions with {} fds (at most {MAX_MEM_REGIONS})",
+                ctx.len(),
+                files.len()
+            )));
+        }
+        let records: Vec<MemRegionRecord> = ctx
             .iter()
-            .zip(files)
-            .map(|(r, file)| RegionSpec {
+            .enumerate()
+            .map(|(i, r)| MemRegionRecord {
                 guest_phys_addr: r.guest_phys_addr,
                 size: r.memory_size,
                 user_addr: r.user_addr,
                 mmap_offset: r.mmap_offset,
-                file,
+                fd_id: self
+                    .persist
+                    .as_ref()
+                    .map_or(0, |p| p.fd_id(FdSlot::Memory(i))),
             })
+            .collect();
+        if let Some(p) = &self.persist {
+            let items: Vec<(u64, RawFd)> = records
+                .iter()
+                .zip(&files)
+                .map(|(r, f)| (r.fd_id, f.as_raw_fd()))
+                .collect();
+            p.deposit(&items);
+        }
+        let specs = records
+            .iter()
+            .zip(files)
+            .map(|(r, file)| RegionSpec::new(r, file))
             .collect();
         let table = MemoryTable::map(specs).map_err(invalid)?;
         info!("guest memory table: {} regions", ctx.len());
         // Parked TX chains point into the old mapping.
         self.unpark_tx();
         self.memory = Some(table);
+        self.mem_records = records;
         // Running rings keep their indices over the new mapping.
         for q in 0..NUM_QUEUES {
             if let Some(old) = self.vrings[q].ring.take() {
@@ -626,6 +731,7 @@ impl VhostUserBackendReqHandlerMut for VsockDevice {
                 "queue {q}: polling mode (no kick fd) is not supported"
             )));
         };
+        self.vrings[q].kick_id = self.keep_fd(FdSlot::Kick(q), &fd);
         self.vrings[q].kick = Some(fd);
         self.detect_reset(q);
         self.start_ring(q)
@@ -633,6 +739,7 @@ impl VhostUserBackendReqHandlerMut for VsockDevice {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         let q = self.queue(u32::from(index))?;
+        self.vrings[q].call_id = fd.as_ref().and_then(|f| self.keep_fd(FdSlot::Call(q), f));
         self.vrings[q].call = fd;
         Ok(())
     }

@@ -1,0 +1,499 @@
+//! The keeper: the process that owns the vhost-user connection and every fd
+//! of the session, and keeps a worker running.
+//!
+//! It knows nothing of vsock. It reads each vhost-user message whole
+//! (header, payload, fds) and forwards it as one frame to the worker; it
+//! sends the worker's reply back to the frontend. It holds the fds the
+//! worker deposits (see `vsockd_persist::fdstore`).
+//!
+//! Worker states, as the keeper sees them:
+//!
+//! ```text
+//!   spawned --hand-over--> starting --READY--> ready
+//!      ^                      |                  |
+//!      |                      +------ dies ------+
+//!      +--- at once, or after a back-off --------+
+//! ```
+//!
+//! Control messages go one at a time: the message read last stays
+//! `unacked` until the worker's reply for it arrives, and the frontend is
+//! not read meanwhile. When a worker dies, the next one gets that message
+//! again after its READY; the worker answers it from the state region if
+//! its predecessor had already applied it. So the frontend sees every
+//! message applied once and answered once, whatever instant the worker
+//! died at.
+//!
+//! Back-off: a worker that dies before READY, or while handling a message
+//! that already went to two workers, is probably killed by what it is
+//! given. Restarts then wait 10 ms, doubling up to 2 s; any other death
+//! restarts at once.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use vsockd_persist::channel::FLAG_CLOSE;
+use vsockd_persist::fdstore::well_known;
+use vsockd_persist::{Channel, FdStore, Frame, Kind, SharedMemory};
+
+use crate::error::BackendError;
+use crate::signals::ExitSignals;
+
+/// The descriptor number the worker finds its link at.
+pub const WORKER_LINK_FD: RawFd = 3;
+/// Bytes of a vhost-user message header (vhost-user spec, "Message format").
+const VHOST_USER_HEADER_BYTES: usize = 12;
+/// Largest vhost-user payload accepted (the vhost crate's MAX_MSG_SIZE).
+const MAX_VHOST_USER_PAYLOAD_BYTES: usize = 0x1000;
+/// Most fds one vhost-user message carries (the vhost crate's limit).
+const MAX_VHOST_USER_FDS: usize = 32;
+/// First back-off delay, doubled per further quick death.
+const BACKOFF_FIRST: Duration = Duration::from_millis(10);
+/// Longest back-off delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Workers that got the same message and died with it before it counts as
+/// the cause.
+const POISON_FORWARDS: u32 = 2;
+/// How long a worker gets to exit on SIGTERM before SIGKILL.
+const WORKER_EXIT_GRACE: Duration = Duration::from_secs(1);
+
+/// A vhost-user message read from the frontend, kept until answered.
+struct Pending {
+    seq: u64,
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    /// Workers it was forwarded to.
+    forwards: u32,
+}
+
+struct Worker {
+    child: Child,
+    link: Channel,
+    ready: bool,
+}
+
+/// Why a worker went away, for the log and `vsockd status`.
+fn exit_cause(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(sig) = status.signal() {
+        let name = match sig {
+            libc::SIGKILL => "SIGKILL",
+            libc::SIGABRT => "SIGABRT (abort or panic)",
+            libc::SIGSEGV => "SIGSEGV",
+            libc::SIGTERM => "SIGTERM",
+            libc::SIGBUS => "SIGBUS",
+            _ => "a signal",
+        };
+        format!(
+            "killed by signal {sig} ({name}){}",
+            if status.core_dumped() {
+                ", core dumped"
+            } else {
+                ""
+            }
+        )
+    } else {
+        match status.code() {
+            Some(101) => "exited with status 101 (panic)".to_string(),
+            Some(c) => format!("exited with status {c}"),
+            None => "ended".to_string(),
+        }
+    }
+}
+
+/// The keeper process.
+pub struct Keeper {
+    worker_args: Vec<OsString>,
+    listener: UnixListener,
+    frontend: Option<UnixStream>,
+    store: FdStore,
+    worker: Option<Worker>,
+    restart_at: Option<Instant>,
+    /// Workers started so far.
+    started: u64,
+    quick_deaths: u32,
+    next_seq: u64,
+    unacked: Option<Pending>,
+    signals: ExitSignals,
+}
+
+impl Keeper {
+    /// A keeper serving frontends on `listener`, with the host listener
+    /// and a new state memfd in its store. `worker_args` are the command
+    /// line arguments the worker gets (the keeper's own).
+    pub fn new(
+        listener: UnixListener,
+        host_listener: UnixListener,
+        worker_args: Vec<OsString>,
+    ) -> Result<Self, BackendError> {
+        let state = SharedMemory::create_fd(c"vsockd-state").map_err(BackendError::Persist)?;
+        let mut store = FdStore::default();
+        store.deposit(well_known::STATE_REGION, state);
+        store.deposit(well_known::HOST_LISTENER, OwnedFd::from(host_listener));
+        listener
+            .set_nonblocking(true)
+            .map_err(BackendError::Epoll)?;
+        Ok(Keeper {
+            worker_args,
+            listener,
+            frontend: None,
+            store,
+            worker: None,
+            restart_at: Some(Instant::now()),
+            started: 0,
+            quick_deaths: 0,
+            next_seq: 1,
+            unacked: None,
+            signals: ExitSignals::new().map_err(BackendError::Epoll)?,
+        })
+    }
+
+    fn spawn_worker(&mut self) -> io::Result<()> {
+        let (keeper_end, worker_end) = Channel::pair()?;
+        let fd = worker_end.as_raw_fd();
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.args(&self.worker_args)
+            .arg("--worker-link")
+            .arg(WORKER_LINK_FD.to_string());
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only makes async-signal-safe calls (dup2, fcntl, sigprocmask).
+        unsafe {
+            cmd.pre_exec(move || {
+                if fd == WORKER_LINK_FD {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                } else if libc::dup2(fd, WORKER_LINK_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The keeper takes SIGTERM and SIGINT through a signalfd;
+                // the worker must not inherit them blocked.
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGTERM);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(worker_end);
+        self.started += 1;
+        info!(
+            "worker {} started (pid {}), handing over {} fds",
+            self.started,
+            child.id(),
+            self.store.len()
+        );
+        let worker = Worker {
+            child,
+            link: keeper_end,
+            ready: false,
+        };
+        // A worker that dies during the hand-over is noticed on the link.
+        if let Err(e) = self.store.hand_over(&worker.link, self.started - 1) {
+            warn!("hand-over to worker {} failed: {e}", self.started);
+        }
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    pub fn run(&mut self) -> Result<(), BackendError> {
+        loop {
+            if let Some(at) = self.restart_at {
+                if Instant::now() >= at {
+                    self.restart_at = None;
+                    if let Err(e) = self.spawn_worker() {
+                        error!("cannot start a worker: {e}; retrying");
+                        self.schedule_restart(true);
+                    }
+                }
+            }
+            let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(4);
+            let mut push = |fd: RawFd| {
+                pfds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                pfds.len() - 1
+            };
+            let sig_i = push(self.signals.fd());
+            let link_i = self.worker.as_ref().map(|w| push(w.link.as_raw_fd()));
+            let listener_i = self
+                .frontend
+                .is_none()
+                .then(|| push(self.listener.as_raw_fd()));
+            let serving = self.worker.as_ref().is_some_and(|w| w.ready) && self.unacked.is_none();
+            let frontend_i = match (&self.frontend, serving) {
+                (Some(f), true) => Some(push(f.as_raw_fd())),
+                _ => None,
+            };
+            let timeout = self.restart_at.map_or(-1, |at| {
+                at.saturating_duration_since(Instant::now()).as_millis() as i32 + 1
+            });
+            // SAFETY: poll(2) over a local array of pollfd.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(BackendError::Epoll(e));
+            }
+            let ready = |i: usize| pfds[i].revents != 0;
+            if ready(sig_i) {
+                if let Some(sig) = self.signals.take() {
+                    info!("{sig} received: stopping the worker and exiting");
+                    self.stop_worker();
+                    return Ok(());
+                }
+            }
+            if link_i.is_some_and(ready) {
+                self.on_worker_readable();
+            }
+            if listener_i.is_some_and(ready) {
+                self.accept_frontend();
+            }
+            if frontend_i.is_some_and(ready) {
+                self.on_frontend_readable();
+            }
+        }
+    }
+
+    fn accept_frontend(&mut self) {
+        match self.listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = stream.set_nonblocking(false) {
+                    warn!("frontend socket: {e}");
+                    return;
+                }
+                info!("frontend connected: session starts");
+                self.frontend = Some(stream);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => warn!("accepting a frontend failed: {e}"),
+        }
+    }
+
+    /// The frontend went away or must be dropped: forget the session.
+    fn end_session(&mut self, why: &str) {
+        if self.frontend.take().is_none() {
+            return;
+        }
+        info!("{why}: session ended; waiting for the next frontend");
+        self.unacked = None;
+        self.store.clear_session();
+        if let Some(w) = self.worker.as_ref().filter(|w| w.ready) {
+            if let Err(e) = w.link.send(Kind::SessionEnd, 0, 0, &[], &[]) {
+                warn!("cannot tell the worker the session ended: {e}");
+            }
+        }
+    }
+
+    fn on_frontend_readable(&mut self) {
+        let Some(stream) = &self.frontend else { return };
+        match read_vhost_user_message(stream) {
+            Ok(Some((bytes, fds))) => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.unacked = Some(Pending {
+                    seq,
+                    bytes,
+                    fds,
+                    forwards: 0,
+                });
+                self.forward_unacked();
+            }
+            Ok(None) => self.end_session("frontend disconnected"),
+            Err(e) => {
+                warn!("bad message from the frontend, closing the session: {e}");
+                self.end_session("frontend sent a bad message");
+            }
+        }
+    }
+
+    fn forward_unacked(&mut self) {
+        let (Some(p), Some(w)) = (&mut self.unacked, &self.worker) else {
+            return;
+        };
+        if !w.ready {
+            return;
+        }
+        p.forwards += 1;
+        let fds: Vec<RawFd> = p.fds.iter().map(AsRawFd::as_raw_fd).collect();
+        if let Err(e) = w.link.send(Kind::Forward, 0, p.seq, &p.bytes, &fds) {
+            // The worker is dying; the link will say so.
+            warn!("cannot forward message {} to the worker: {e}", p.seq);
+        }
+    }
+
+    fn on_worker_readable(&mut self) {
+        loop {
+            let Some(w) = &self.worker else { return };
+            let frame = match w.link.try_recv() {
+                Ok(Some(f)) => f,
+                Ok(None) => return self.on_worker_death(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    warn!("bad frame from the worker, ignored: {e}");
+                    continue;
+                }
+                Err(_) => return self.on_worker_death(),
+            };
+            match self.store.apply(frame) {
+                Ok(None) => {}
+                Ok(Some(frame)) => self.on_worker_frame(frame),
+                Err(e) => warn!("bad fd-store frame from the worker, ignored: {e}"),
+            }
+        }
+    }
+
+    fn on_worker_frame(&mut self, frame: Frame) {
+        match frame.kind {
+            Kind::Ready => {
+                info!("worker {} ready (generation {})", self.started, frame.id);
+                if let Some(w) = &mut self.worker {
+                    w.ready = true;
+                }
+                if frame.flags & FLAG_CLOSE != 0 {
+                    self.end_session("the worker could not adopt the session");
+                }
+                if self.frontend.is_none() {
+                    // The frontend may have left while no worker was ready.
+                    if let Some(w) = &self.worker {
+                        let _ = w.link.send(Kind::SessionEnd, 0, 0, &[], &[]);
+                    }
+                }
+                self.forward_unacked();
+            }
+            Kind::Reply => {
+                if self.unacked.as_ref().map(|p| p.seq) != Some(frame.id) {
+                    return;
+                }
+                self.unacked = None;
+                if !frame.payload.is_empty() {
+                    if let Some(stream) = &self.frontend {
+                        let fds: Vec<RawFd> = frame.fds.iter().map(AsRawFd::as_raw_fd).collect();
+                        if let Err(e) = write_all_with_fds(stream, &frame.payload, &fds) {
+                            warn!("cannot reply to the frontend: {e}");
+                            self.end_session("frontend write failed");
+                            return;
+                        }
+                    }
+                }
+                if frame.flags & FLAG_CLOSE != 0 {
+                    self.end_session("the worker refused a request");
+                }
+            }
+            other => warn!("unexpected {other:?} frame from the worker, ignored"),
+        }
+    }
+
+    fn on_worker_death(&mut self) {
+        let Some(mut w) = self.worker.take() else {
+            return;
+        };
+        let cause = match w.child.wait() {
+            Ok(status) => exit_cause(status),
+            Err(e) => format!("unknown ({e})"),
+        };
+        let poisoned = self
+            .unacked
+            .as_ref()
+            .is_some_and(|p| p.forwards >= POISON_FORWARDS);
+        let quick = !w.ready || poisoned;
+        warn!(
+            "worker {} (pid {}) {cause}{}; restarting it",
+            self.started,
+            w.child.id(),
+            if w.ready { "" } else { " before it was ready" }
+        );
+        self.schedule_restart(quick);
+    }
+
+    fn schedule_restart(&mut self, quick: bool) {
+        self.quick_deaths = if quick { self.quick_deaths + 1 } else { 0 };
+        let delay = match self.quick_deaths {
+            0 | 1 => Duration::ZERO,
+            n => (BACKOFF_FIRST * 2u32.saturating_pow(n - 2)).min(BACKOFF_MAX),
+        };
+        if !delay.is_zero() {
+            warn!("backing off {delay:?} before the next worker");
+        }
+        self.restart_at = Some(Instant::now() + delay);
+    }
+
+    fn stop_worker(&mut self) {
+        let Some(mut w) = self.worker.take() else {
+            return;
+        };
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + WORKER_EXIT_GRACE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = w.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = w.child.kill();
+        let _ = w.child.wait();
+    }
+}
+
+/// Reads one vhost-user message whole: `Ok(None)` at EOF.
+fn read_vhost_user_message(stream: &UnixStream) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let mut bytes = vec![0u8; VHOST_USER_HEADER_BYTES];
+    let mut raw_fds = [-1 as RawFd; MAX_VHOST_USER_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: bytes.as_mut_ptr().cast(),
+        iov_len: VHOST_USER_HEADER_BYTES,
+    }];
+    // SAFETY: the iovec points at `bytes`, valid for its length.
+    let (n, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut raw_fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let fds: Vec<OwnedFd> = raw_fds[..nfds]
+        .iter()
+        // SAFETY: the kernel gave us these descriptors; we own them now.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Ok(None);
+    }
+    if n < VHOST_USER_HEADER_BYTES {
+        read_exact(stream, &mut bytes[n..])?;
+    }
+    let size = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+    if size > MAX_VHOST_USER_PAYLOAD_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message payload of {size} bytes"),
+        ));
+    }
+    bytes.resize(VHOST_USER_HEADER_BYTES + size, 0);
+    read_exact(stream, &mut bytes[VHOST_USER_HEADER_BYTES..])?;
+    Ok(Some((bytes, fds)))
+}
+
+fn read_exact(stream: &UnixStream, buf: &mut [u8]) -> io::Result<()> {
+    use std::io::Read;
+    let mut s = stream;
+    s.read_exact(buf)
+}
+
+/// Writes a reply with its fds attached to the first bytes.
+fn write_all_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    use std::io::Write;
+    let n = stream
+        .send_with_fds(&[bytes], fds)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let mut s = stream;
+    s.write_all(&bytes[n..])
+}
