@@ -42,8 +42,25 @@ use crate::host::HostStream;
 use crate::iov::{write_fd, GuestIovs, IovWindow};
 use crate::packet::*;
 use crate::parked::Parked;
-use crate::txbuf::TxBuf;
+use crate::txbuf::{ring_bytes, TxBuf};
 use crate::ConnKey;
+use vsockd_persist::slot::{ConnRecord, SLOT_LINE_BYTES};
+
+/// [`ConnRecord::state`] values.
+#[allow(dead_code)]
+mod rec_state {
+    pub const AWAIT_LINE: u8 = 1;
+    pub const LOCAL_INIT: u8 = 2;
+    pub const ESTABLISHED: u8 = 3;
+    pub const CLOSING: u8 = 4;
+}
+
+/// [`ConnRecord::host_flags`] bits.
+#[allow(dead_code)]
+mod rec_host {
+    pub const EOF: u8 = 1;
+    pub const WRITE_SHUT: u8 = 2;
+}
 
 /// Control packets a connection owes the guest, as bits.
 pub(crate) mod owe {
@@ -294,7 +311,7 @@ impl<S: HostStream> Connection<S> {
             if !parked {
                 let free = self.txbuf.free();
                 self.txbuf
-                    .push_guest(pkt, HEADER_SIZE_BYTES + written, rest)
+                    .push_guest(pkt, HEADER_SIZE_BYTES + written, rest, self.rx_cnt.0)
                     .map_err(|()| ConnError::CreditExceeded { len: rest, free })?;
             }
         }
@@ -318,7 +335,10 @@ impl<S: HostStream> Connection<S> {
             self.fwd_cnt += Wrapping(n as u32);
         }
         if self.parked.is_empty() && !self.txbuf.is_empty() {
-            let n = self.txbuf.flush_to(fd).map_err(ConnError::HostWrite)?;
+            let n = self
+                .txbuf
+                .flush_to(fd, self.rx_cnt.0)
+                .map_err(ConnError::HostWrite)?;
             self.fwd_cnt += Wrapping(n as u32);
         }
         self.settle();
@@ -328,7 +348,11 @@ impl<S: HostStream> Connection<S> {
     /// Copies parked bytes into the buffer and returns their chains
     /// (guest memory is about to be remapped, or the ring stopped).
     pub fn unpark(&mut self, completed: &mut Vec<u16>) {
-        if self.parked.copy_out(&mut self.txbuf, completed).is_err() {
+        if self
+            .parked
+            .copy_out(&mut self.txbuf, completed, self.rx_cnt.0)
+            .is_err()
+        {
             // Cannot happen while the credit invariant holds; if it did,
             // the bytes could not be kept, so the stream is broken.
             warn!(
@@ -568,5 +592,242 @@ impl<S: HostStream> Connection<S> {
             filled += 1;
         }
         Ok(filled)
+    }
+}
+
+// Conversion to and from the state region's connection records. The
+// muxer does not keep its connections in a region yet, so outside the
+// tests nothing calls these.
+#[allow(dead_code)]
+impl<S: HostStream> Connection<S> {
+    /// The connection's persistent state. `uid`, `last_tx_counter` and
+    /// `rx_batch` are left 0 for the caller. Parked chains are not in it:
+    /// they are in the TX inflight log, and the bytes they hold are
+    /// `[fwd_cnt, txbuf_start)`.
+    pub fn record(&self) -> ConnRecord {
+        let mut r = ConnRecord {
+            local_port: self.key.local_port,
+            peer_port: self.key.peer_port,
+            buf_alloc: self.buf_alloc,
+            fwd_cnt: self.fwd_cnt.0,
+            rx_cnt: self.rx_cnt.0,
+            last_fwd_cnt_sent: self.last_fwd_cnt_sent.0,
+            peer_buf_alloc: self.peer_buf_alloc,
+            peer_fwd_cnt: self.peer_fwd_cnt.0,
+            tx_cnt: self.tx_cnt.0,
+            txbuf_start: (self.rx_cnt - Wrapping(self.txbuf.len() as u32)).0,
+            owed: self.owed,
+            peer_shutdown: self.peer_shutdown as u8,
+            local_shutdown: self.local_shutdown as u8,
+            shutdown_flags: self.shutdown_flags as u8,
+            host_flags: if self.host_eof { rec_host::EOF } else { 0 }
+                | if self.host_write_shut {
+                    rec_host::WRITE_SHUT
+                } else {
+                    0
+                },
+            ..Default::default()
+        };
+        let line: &[u8] = match &self.state {
+            State::AwaitLine(p) => {
+                r.state = rec_state::AWAIT_LINE;
+                p.partial()
+            }
+            State::LocalInit => {
+                r.state = rec_state::LOCAL_INIT;
+                &self.rx_prefix
+            }
+            State::Established => {
+                r.state = rec_state::ESTABLISHED;
+                &self.rx_prefix
+            }
+            State::Closing => {
+                r.state = rec_state::CLOSING;
+                &[]
+            }
+        };
+        let n = line.len().min(SLOT_LINE_BYTES);
+        r.line[..n].copy_from_slice(&line[..n]);
+        r.line_len = n as u8;
+        r
+    }
+
+    /// Rebuilds a connection from its record and its host stream; its
+    /// buffer is the shared area at `data`, holding `[txbuf_start,
+    /// rx_cnt)`. The host stream's readiness is unknown: it is assumed
+    /// readable (a read that finds nothing costs one EAGAIN).
+    ///
+    /// # Safety
+    ///
+    /// As [`Connection::use_shared_buffer`].
+    pub unsafe fn from_record(rec: &ConnRecord, stream: S, data: *mut u8) -> Result<Self, String> {
+        let line = &rec.line[..usize::from(rec.line_len).min(SLOT_LINE_BYTES)];
+        let state = match rec.state {
+            rec_state::AWAIT_LINE => State::AwaitLine(
+                LineParser::resume(line).map_err(|e| format!("handshake line: {e}"))?,
+            ),
+            rec_state::LOCAL_INIT => State::LocalInit,
+            rec_state::ESTABLISHED => State::Established,
+            rec_state::CLOSING => State::Closing,
+            other => return Err(format!("unknown state {other}")),
+        };
+        let held = Wrapping(rec.rx_cnt) - Wrapping(rec.txbuf_start);
+        let unforwarded = Wrapping(rec.rx_cnt) - Wrapping(rec.fwd_cnt);
+        if held > unforwarded || unforwarded.0 > rec.buf_alloc {
+            return Err(format!(
+                "{} bytes buffered, {} unforwarded, credit {}",
+                held.0, unforwarded.0, rec.buf_alloc
+            ));
+        }
+        let key = ConnKey {
+            local_port: rec.local_port,
+            peer_port: rec.peer_port,
+        };
+        let mut c = Self::new(stream, state, key, rec.buf_alloc);
+        // SAFETY: the caller's contract.
+        c.txbuf = unsafe { TxBuf::shared(rec.buf_alloc as usize, data, held.0 as usize) }
+            .map_err(|()| "buffer larger than the credit".to_string())?;
+        c.fwd_cnt = Wrapping(rec.fwd_cnt);
+        c.rx_cnt = Wrapping(rec.rx_cnt);
+        c.last_fwd_cnt_sent = Wrapping(rec.last_fwd_cnt_sent);
+        c.peer_buf_alloc = rec.peer_buf_alloc;
+        c.peer_fwd_cnt = Wrapping(rec.peer_fwd_cnt);
+        c.tx_cnt = Wrapping(rec.tx_cnt);
+        c.owed = rec.owed;
+        c.peer_shutdown = u32::from(rec.peer_shutdown);
+        c.local_shutdown = u32::from(rec.local_shutdown);
+        c.shutdown_flags = u32::from(rec.shutdown_flags);
+        c.host_eof = rec.host_flags & rec_host::EOF != 0;
+        c.host_write_shut = rec.host_flags & rec_host::WRITE_SHUT != 0;
+        if !matches!(c.state, State::AwaitLine(_)) {
+            c.rx_prefix = line.to_vec();
+        }
+        c.host_readable = !c.host_eof;
+        Ok(c)
+    }
+
+    /// Bytes of shared memory a connection's buffer needs.
+    pub fn shared_buffer_bytes(buf_alloc: u32) -> usize {
+        ring_bytes(buf_alloc as usize)
+    }
+
+    /// Keeps this new connection's buffer in shared memory at `data`, so a
+    /// successor can adopt it.
+    ///
+    /// # Safety
+    ///
+    /// `data` must be valid for reads and writes of
+    /// [`Connection::shared_buffer_bytes`] bytes for the connection's whole
+    /// life and used by nothing else meanwhile.
+    pub unsafe fn use_shared_buffer(&mut self, data: *mut u8) {
+        debug_assert!(self.txbuf.is_empty());
+        // SAFETY: the caller's contract; nothing is held yet.
+        if let Ok(t) = unsafe { TxBuf::shared(self.buf_alloc as usize, data, 0) } {
+            self.txbuf = t;
+        }
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    fn guest_iovs(buf: &mut [u8]) -> Vec<libc::iovec> {
+        vec![libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }]
+    }
+
+    /// A connection whose host reader stopped: bytes are buffered in
+    /// shared memory. Rebuilt from its record over a duplicate of the same
+    /// stream and the same memory (a worker restart), it has the same
+    /// record, and the host then reads every byte once, in order.
+    #[test]
+    fn record_round_trip_keeps_buffered_bytes_and_counters() {
+        let (ours, mut host) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut hdr = PacketHeader::default();
+        hdr.set_buf_alloc(262_144).set_fwd_cnt(77);
+        let key = ConnKey {
+            local_port: 5000,
+            peer_port: 1234,
+        };
+        let buf_alloc = 256 * 1024;
+        let mut c =
+            Connection::new_guest_initiated(ours.try_clone().unwrap(), key, &hdr, buf_alloc);
+        let mut area = vec![0u8; Connection::<UnixStream>::shared_buffer_bytes(buf_alloc)];
+        // SAFETY: `area` outlives both connections below, used by one at a time.
+        unsafe { c.use_shared_buffer(area.as_mut_ptr()) };
+        // Send until the socket is full and about 100 KiB are buffered.
+        let mut sent = Vec::new();
+        let mut scratch = Vec::new();
+        let mut i = 0u32;
+        while c.txbuf.len() < 100_000 {
+            let payload: Vec<u8> = (0..4000u32).map(|k| (k * 7 + i) as u8).collect();
+            let mut pkt = vec![0u8; HEADER_SIZE_BYTES];
+            pkt.extend_from_slice(&payload);
+            let iovs = guest_iovs(&mut pkt);
+            // SAFETY: `pkt` outlives `g`.
+            let g = unsafe { GuestIovs::new(&iovs) };
+            // SAFETY: no parking asked for.
+            let parked = unsafe { c.on_rw(&g, payload.len(), None, &mut scratch) }.unwrap();
+            assert!(!parked);
+            sent.extend_from_slice(&payload);
+            i += 1;
+        }
+        c.owe(owe::CREDIT_UPDATE);
+        let rec = c.record();
+        assert_eq!(rec.state, rec_state::ESTABLISHED);
+        assert_eq!(rec.rx_cnt as usize, sent.len());
+        assert_eq!((rec.rx_cnt - rec.txbuf_start) as usize, c.txbuf.len());
+        assert_eq!(rec.peer_fwd_cnt, 77);
+        drop(c);
+        // SAFETY: as above; the first connection is gone.
+        let mut c2 =
+            unsafe { Connection::from_record(&rec, ours.try_clone().unwrap(), area.as_mut_ptr()) }
+                .unwrap();
+        assert_eq!(c2.record(), rec);
+        assert!(c2.has_rx_work(), "owed credit update kept");
+        // The host reads everything; the adopted buffer supplies the rest.
+        host.set_nonblocking(false).unwrap();
+        let want = sent.len();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; want];
+            host.read_exact(&mut got).unwrap();
+            got
+        });
+        let mut completed = Vec::new();
+        while !c2.txbuf.is_empty() {
+            c2.on_host_writable(&mut scratch, &mut completed).unwrap();
+            std::thread::yield_now();
+        }
+        assert_eq!(reader.join().unwrap(), sent);
+        assert_eq!(c2.fwd_cnt, c2.rx_cnt);
+        // A record that contradicts itself is refused, not trusted.
+        let mut bad = rec;
+        bad.txbuf_start = rec.rx_cnt.wrapping_sub(buf_alloc + 1);
+        // SAFETY: as above.
+        assert!(unsafe { Connection::from_record(&bad, ours, area.as_mut_ptr()) }.is_err());
+    }
+
+    #[test]
+    fn a_host_client_mid_line_is_kept_with_its_partial_line() {
+        let (ours, _host) = UnixStream::pair().unwrap();
+        let mut c = Connection::new_host_client(ours.try_clone().unwrap(), 4096);
+        if let State::AwaitLine(p) = &mut c.state {
+            assert_eq!(p.feed(b"CONNECT 12").unwrap(), None);
+        }
+        let rec = c.record();
+        assert_eq!(rec.state, rec_state::AWAIT_LINE);
+        let mut area = vec![0u8; 4096];
+        // SAFETY: `area` is large enough and outlives the connection.
+        let mut c2 = unsafe { Connection::from_record(&rec, ours, area.as_mut_ptr()) }.unwrap();
+        let State::AwaitLine(p) = &mut c2.state else {
+            panic!("state {:?}", c2.state);
+        };
+        assert_eq!(p.feed(b"34\nxy").unwrap(), Some((1234, 3)));
     }
 }

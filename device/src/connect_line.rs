@@ -54,6 +54,24 @@ impl LineParser {
     }
 }
 
+impl LineParser {
+    /// The bytes of the line received so far.
+    pub fn partial(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// A parser that already received `partial` (a line cut short by a
+    /// process restart).
+    pub fn resume(partial: &[u8]) -> Result<Self, LineError> {
+        if partial.len() >= MAX_LINE_BYTES || partial.contains(&b'\n') {
+            return Err(LineError::TooLong);
+        }
+        Ok(LineParser {
+            buf: partial.to_vec(),
+        })
+    }
+}
+
 /// Parses `CONNECT <port>` (without the newline; a trailing `\r` is allowed).
 fn parse_line(line: &[u8]) -> Result<u32, LineError> {
     let malformed = || LineError::Malformed(String::from_utf8_lossy(line).into_owned());

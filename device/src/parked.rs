@@ -175,9 +175,15 @@ impl Parked {
     /// (parked bytes precede buffered ones) and hands every head back.
     /// The caller guarantees the room: parked plus buffered bytes never
     /// exceed the credit, which is the buffer's capacity.
-    pub fn copy_out(&mut self, txbuf: &mut TxBuf, completed: &mut Vec<u16>) -> Result<(), ()> {
+    /// `end` is the connection's `rx_cnt`, where the buffered bytes end.
+    pub fn copy_out(
+        &mut self,
+        txbuf: &mut TxBuf,
+        completed: &mut Vec<u16>,
+        end: u32,
+    ) -> Result<(), ()> {
         for c in self.chains.iter().rev() {
-            txbuf.push_front_guest(&c.guest(), c.done, c.left())?;
+            txbuf.push_front_guest(&c.guest(), c.done, c.left(), end)?;
         }
         while !self.chains.is_empty() {
             self.retire(completed);
