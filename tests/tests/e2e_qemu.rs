@@ -639,3 +639,43 @@ fn second_vmm_on_same_backend() {
     rig.boot(image);
     fresh_connections_work(&rig, 6811, 111, "second VM");
 }
+
+// 10. vsockd's worker is SIGKILLed while the guest is idle, again while
+// the VM is paused: QEMU keeps its vhost-user session (the keeper holds
+// it), logs no vhost error, and new connections work both ways after
+// every kill.
+#[test]
+fn worker_killed_the_device_carries_on() {
+    let rig = Rig::new("worker-kill");
+    if rig.backend.kind() != vsockd_tests::BackendKind::Vsockd {
+        eprintln!("{}: SKIPPED: only vsockd has a keeper", rig.name);
+        return;
+    }
+    fresh_connections_work(&rig, 6901, 121, "before the kills");
+    for i in 0..3u32 {
+        rig.ok(
+            rig.backend.kill_worker(Duration::from_secs(10)),
+            &format!("kill #{i}"),
+        );
+        fresh_connections_work(
+            &rig,
+            6911 + 10 * i,
+            131 + 10 * u64::from(i),
+            &format!("after kill #{i}"),
+        );
+    }
+    rig.ok(rig.vm().stop(), "QEMU stop");
+    rig.ok(
+        rig.backend.kill_worker(Duration::from_secs(10)),
+        "kill while paused",
+    );
+    rig.ok(rig.vm().cont(), "QEMU cont");
+    fresh_connections_work(&rig, 6961, 171, "after a kill during a pause");
+    let qemu_log = std::fs::read_to_string(rig.vm().dir().join("qemu.log")).unwrap_or_default();
+    if let Some(line) = qemu_log
+        .lines()
+        .find(|l| l.to_lowercase().contains("vhost"))
+    {
+        rig.fail(format!("QEMU logged a vhost error: {line}"));
+    }
+}
