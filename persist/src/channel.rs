@@ -96,6 +96,22 @@ impl Frame {
     }
 }
 
+impl Frame {
+    /// The fds of an [`Kind::Fds`] frame with their ids; an error if the
+    /// counts differ.
+    pub fn into_fd_items(self) -> io::Result<Vec<(u64, OwnedFd)>> {
+        let ids = self.ids();
+        if ids.len() != self.fds.len() {
+            return Err(invalid(format!(
+                "{} ids with {} fds",
+                ids.len(),
+                self.fds.len()
+            )));
+        }
+        Ok(ids.into_iter().zip(self.fds).collect())
+    }
+}
+
 /// Encodes ids as a payload.
 pub fn ids_payload(ids: &[u64]) -> Vec<u8> {
     ids.iter().flat_map(|i| i.to_ne_bytes()).collect()

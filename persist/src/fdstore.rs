@@ -48,14 +48,7 @@ impl FdStore {
     pub fn apply(&mut self, frame: Frame) -> Result<Option<Frame>, io::Error> {
         match frame.kind {
             Kind::Fds => {
-                let ids = frame.ids();
-                if ids.len() != frame.fds.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("deposit of {} ids with {} fds", ids.len(), frame.fds.len()),
-                    ));
-                }
-                for (id, fd) in ids.into_iter().zip(frame.fds) {
+                for (id, fd) in frame.into_fd_items()? {
                     self.deposit(id, fd);
                 }
                 Ok(None)
@@ -124,16 +117,7 @@ impl FdSet {
                 ));
             };
             match frame.kind {
-                Kind::Fds => {
-                    let ids = frame.ids();
-                    if ids.len() != frame.fds.len() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "hand-over frame with mismatched ids and fds",
-                        ));
-                    }
-                    set.fds.extend(ids.into_iter().zip(frame.fds));
-                }
+                Kind::Fds => set.fds.extend(frame.into_fd_items()?),
                 Kind::HandoverEnd => return Ok((set, frame.id)),
                 other => {
                     return Err(io::Error::new(

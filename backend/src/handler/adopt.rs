@@ -24,12 +24,11 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use log::{info, warn};
-use vsockd_device::GuestIovs;
 use vsockd_persist::session::*;
 use vsockd_persist::FdSet;
 use vsockd_ring::SplitRing;
 
-use super::{StopPoint, VsockDevice, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+use super::{handle_tx_chain, StopPoint, VsockDevice, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 use crate::memory::{MemoryTable, RegionSpec};
 use crate::persistence::FdSlot;
 
@@ -215,15 +214,7 @@ impl VsockDevice {
         let muxer = &mut self.muxer;
         let result = heads.iter().try_for_each(|&head| {
             match ring.walk_head(mem, chain, head) {
-                Ok(()) => {
-                    // SAFETY: as in `process_tx`: the chain was walked over
-                    // `mem`, which stays mapped until `unpark_tx` has run.
-                    let pkt = unsafe { GuestIovs::new(chain.readable()) };
-                    // SAFETY: as in `process_tx`.
-                    if unsafe { muxer.handle_tx_parking(head, &pkt) } {
-                        ring.push_used(mem, head, 0)?;
-                    }
-                }
+                Ok(()) => handle_tx_chain(ring, mem, muxer, chain)?,
                 Err(e) => {
                     warn!("TX queue: resubmitted chain is malformed: {e}");
                     ring.push_used(mem, head, 0)?;

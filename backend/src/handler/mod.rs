@@ -451,37 +451,23 @@ impl VsockDevice {
         let chain = &mut self.chain;
         let muxer = &mut self.muxer;
         let mut log = self.persist.as_mut().map(|p| &mut p.tx_log);
-        let result: Result<(), vsockd_ring::RingError> = (|| {
-            loop {
-                ring.disable_notification(mem)?;
-                while let Some(popped) = ring.pop(mem, chain)? {
-                    if let Some(log) = log.as_deref_mut() {
-                        let head = match &popped {
-                            Ok(()) => chain.head(),
-                            Err(e) => e.head,
-                        };
-                        log.mark(head);
-                    }
-                    match popped {
-                        Ok(()) => {
-                            // SAFETY: the chain was walked over `mem`, which
-                            // stays mapped for this whole call; every iovec
-                            // lies inside it.
-                            let pkt = unsafe { GuestIovs::new(chain.readable()) };
-                            // SAFETY: `mem` stays mapped until `unpark_tx`
-                            // has run: `set_mem_table` and the TX ring's
-                            // stop call it first, and `end_session` resets
-                            // the muxer before unmapping.
-                            if unsafe { muxer.handle_tx_parking(chain.head(), &pkt) } {
-                                ring.push_used(mem, chain.head(), 0)?;
-                            }
-                        }
-                        Err(e) => give_back_malformed(ring, mem, "TX", e)?,
-                    }
+        let result: Result<(), vsockd_ring::RingError> = (|| loop {
+            ring.disable_notification(mem)?;
+            while let Some(popped) = ring.pop(mem, chain)? {
+                if let Some(log) = log.as_deref_mut() {
+                    let head = match &popped {
+                        Ok(()) => chain.head(),
+                        Err(e) => e.head,
+                    };
+                    log.mark(head);
                 }
-                if !ring.enable_notification(mem)? {
-                    return Ok(());
+                match popped {
+                    Ok(()) => handle_tx_chain(ring, mem, muxer, chain)?,
+                    Err(e) => give_back_malformed(ring, mem, "TX", e)?,
                 }
+            }
+            if !ring.enable_notification(mem)? {
+                return Ok(());
             }
         })();
         self.end_batch(TX_QUEUE, result);
@@ -563,6 +549,26 @@ impl VsockDevice {
         })();
         self.end_batch(RX_QUEUE, result);
     }
+}
+
+/// Hands one TX chain, walked over `mem`, to the muxer, and returns it to
+/// the used ring unless the muxer parked it.
+fn handle_tx_chain(
+    ring: &mut SplitRing,
+    mem: &vsockd_ring::GuestMemory,
+    muxer: &mut Muxer<UnixHost>,
+    chain: &Chain,
+) -> Result<(), vsockd_ring::RingError> {
+    // SAFETY: the chain was walked over `mem`, which stays mapped for this
+    // whole call; every iovec lies inside it.
+    let pkt = unsafe { GuestIovs::new(chain.readable()) };
+    // SAFETY: `mem` stays mapped until `unpark_tx` has run: `set_mem_table`
+    // and the TX ring's stop call it first, and `end_session` resets the
+    // muxer before unmapping.
+    if unsafe { muxer.handle_tx_parking(chain.head(), &pkt) } {
+        ring.push_used(mem, chain.head(), 0)?;
+    }
+    Ok(())
 }
 
 /// Returns a chain that could not be walked to the driver, unused.
