@@ -197,14 +197,15 @@ impl KeeperLink {
 
     fn forward(&mut self, frame: Frame, device: &Arc<Mutex<VsockDevice>>) {
         let seq = frame.id;
-        let saved = lock(device).persistence().and_then(|p| p.saved_reply(seq));
+        // The message being applied names the fds it deposits.
+        let saved = lock(device).persistence().and_then(|p| {
+            p.msg_seq = seq;
+            p.saved_reply(seq)
+        });
         if let Some(reply) = saved {
             debug!("control message {seq} was applied before the restart: saved reply");
             self.reply(seq, 0, &reply, &[]);
             return;
-        }
-        if let Some(p) = lock(device).persistence() {
-            p.msg_seq = seq;
         }
         let fds: Vec<RawFd> = frame.fds.iter().map(AsRawFd::as_raw_fd).collect();
         let (reply, reply_fds, flags) = match self.apply(&frame.payload, &fds) {
