@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use log::{info, warn};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
+use crate::conn_store::RegionStore;
 use crate::error::BackendError;
 use crate::handler::{kick_token, DeviceConfig, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::persistence::Persistence;
@@ -277,6 +278,9 @@ pub fn serve_worker(
     let mut close = 0;
     let (features, protocol_features) = {
         let mut dev = lock(&parts.device);
+        let store_link = keeper.try_clone().map_err(BackendError::Link)?;
+        dev.muxer
+            .set_store(Box::new(RegionStore::new(region.clone(), store_link)));
         let persistence = Persistence::new(region, keeper).ok_or_else(|| {
             BackendError::Link(io::Error::other("the state region has no TX inflight log"))
         })?;
@@ -287,6 +291,9 @@ pub fn serve_worker(
             Err(e) => {
                 warn!("worker generation {generation} cannot adopt the session, dropping it: {e}");
                 dev.end_session();
+                if let Some(p) = dev.persistence() {
+                    p.free_conn_slots();
+                }
                 let seq = dev.persistence().map_or(0, |p| p.msg_seq);
                 dev.commit_session(seq, &[]);
                 close = FLAG_CLOSE;

@@ -1,6 +1,7 @@
 //! vsockd: a vhost-user virtio-vsock device backend.
 
 mod cli;
+mod conn_store;
 mod error;
 mod event_loop;
 mod handler;

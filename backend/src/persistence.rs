@@ -1,5 +1,7 @@
 //! What a worker keeps for its successor: the state region's session
-//! record and TX inflight log, and the fds deposited with the keeper.
+//! record, TX inflight log and RX commit state, and the fds deposited with
+//! the keeper. (Connections are kept by the muxer, through
+//! `conn_store::RegionStore`.)
 //!
 //! Fd-store ids of session fds are derived from the control message that
 //! brought them: `FIRST_WORKER_ID + seq * 64 + slot` (slot: memory region
@@ -15,6 +17,7 @@ use std::os::fd::RawFd;
 use log::warn;
 use vsockd_persist::fdstore::well_known::FIRST_WORKER_ID;
 use vsockd_persist::session::SessionRecord;
+use vsockd_persist::slot::ConnRecord;
 use vsockd_persist::{Channel, FdKeeper, InflightLog, Record, Region};
 
 /// Fd slot of a memory region, a kick or a call eventfd.
@@ -30,6 +33,7 @@ const IDS_PER_MESSAGE: u64 = 64;
 
 /// The worker's persistent state.
 pub struct Persistence {
+    pub region: Region,
     pub session: Record<SessionRecord>,
     pub tx_log: InflightLog,
     keeper: Channel,
@@ -50,6 +54,7 @@ impl Persistence {
             .map(|c| c.body.fd_ids().collect())
             .unwrap_or_default();
         Some(Persistence {
+            region,
             session,
             tx_log,
             keeper,
@@ -96,6 +101,22 @@ impl Persistence {
         let stale: Vec<u64> = self.named.difference(&named).copied().collect();
         self.withdraw(&stale);
         self.named = named;
+    }
+
+    /// Frees every connection slot (the session's connections are gone)
+    /// and settles the RX commit state.
+    pub fn free_conn_slots(&self) {
+        let free = ConnRecord::default();
+        for i in 0..self.region.geometry().conn_slots {
+            if let Some(mut slot) = self.region.slot(i) {
+                if slot.read().is_some_and(|c| c.body.uid != 0) {
+                    slot.write(&free);
+                }
+            }
+        }
+        let rings = self.region.rings();
+        self.region
+            .rx_mark_confirmed(rings.rx_pending_batch.max(rings.rx_confirmed_batch));
     }
 
     /// The reply saved for message `seq`, if that message was the last one

@@ -42,12 +42,11 @@ use crate::host::HostStream;
 use crate::iov::{write_fd, GuestIovs, IovWindow};
 use crate::packet::*;
 use crate::parked::Parked;
-use crate::txbuf::{ring_bytes, TxBuf};
+use crate::txbuf::TxBuf;
 use crate::ConnKey;
 use vsockd_persist::slot::{ConnRecord, SLOT_LINE_BYTES};
 
 /// [`ConnRecord::state`] values.
-#[allow(dead_code)]
 mod rec_state {
     pub const AWAIT_LINE: u8 = 1;
     pub const LOCAL_INIT: u8 = 2;
@@ -56,7 +55,6 @@ mod rec_state {
 }
 
 /// [`ConnRecord::host_flags`] bits.
-#[allow(dead_code)]
 mod rec_host {
     pub const EOF: u8 = 1;
     pub const WRITE_SHUT: u8 = 2;
@@ -141,6 +139,17 @@ pub(crate) struct Connection<S> {
     owed: u8,
     shutdown_flags: u32,
     pub in_rx_queue: bool,
+    // Persistence (with a store; see `crate::store`).
+    /// Unique id, also the id its host stream is kept under (0: none).
+    pub uid: u64,
+    /// Inflight counter of the last TX chain applied.
+    pub last_tx_counter: u64,
+    /// The RX batch of its last RX commit.
+    pub rx_batch: u64,
+    /// Changed by the RX batch being filled.
+    pub rx_dirty: bool,
+    /// The record last committed.
+    pub committed: Option<ConnRecord>,
 }
 
 impl<S: HostStream> Connection<S> {
@@ -169,6 +178,11 @@ impl<S: HostStream> Connection<S> {
             owed: 0,
             shutdown_flags: 0,
             in_rx_queue: false,
+            uid: 0,
+            last_tx_counter: 0,
+            rx_batch: 0,
+            rx_dirty: false,
+            committed: None,
         }
     }
 
@@ -595,17 +609,17 @@ impl<S: HostStream> Connection<S> {
     }
 }
 
-// Conversion to and from the state region's connection records. The
-// muxer does not keep its connections in a region yet, so outside the
-// tests nothing calls these.
-#[allow(dead_code)]
+// Conversion to and from the state region's connection records, and what
+// adoption needs besides.
 impl<S: HostStream> Connection<S> {
-    /// The connection's persistent state. `uid`, `last_tx_counter` and
-    /// `rx_batch` are left 0 for the caller. Parked chains are not in it:
+    /// The connection's persistent state. Parked chains are not in it:
     /// they are in the TX inflight log, and the bytes they hold are
     /// `[fwd_cnt, txbuf_start)`.
     pub fn record(&self) -> ConnRecord {
         let mut r = ConnRecord {
+            uid: self.uid,
+            last_tx_counter: self.last_tx_counter,
+            rx_batch: self.rx_batch,
             local_port: self.key.local_port,
             peer_port: self.key.peer_port,
             buf_alloc: self.buf_alloc,
@@ -703,12 +717,60 @@ impl<S: HostStream> Connection<S> {
             c.rx_prefix = line.to_vec();
         }
         c.host_readable = !c.host_eof;
+        c.uid = rec.uid;
+        c.last_tx_counter = rec.last_tx_counter;
+        c.rx_batch = rec.rx_batch;
+        c.committed = Some(*rec);
         Ok(c)
     }
 
-    /// Bytes of shared memory a connection's buffer needs.
-    pub fn shared_buffer_bytes(buf_alloc: u32) -> usize {
-        ring_bytes(buf_alloc as usize)
+    /// Stream offset (`rx_cnt` terms) of the first guest byte the host has
+    /// not taken.
+    pub fn fwd_cnt(&self) -> u32 {
+        self.fwd_cnt.0
+    }
+
+    /// Stream offset after the last guest byte received.
+    pub fn rx_cnt(&self) -> u32 {
+        self.rx_cnt.0
+    }
+
+    /// Stream offset of the first byte held in the buffer: parked chains
+    /// hold `[fwd_cnt, txbuf_start)`.
+    pub fn txbuf_start(&self) -> u32 {
+        (self.rx_cnt - Wrapping(self.txbuf.len() as u32)).0
+    }
+
+    /// True when the buffer ever held a byte in shared memory.
+    pub fn used_shared_buffer(&self) -> bool {
+        self.txbuf.was_used()
+    }
+
+    /// Parks again, after a restart, chain `head` of an already applied
+    /// packet: its payload bytes `[offset, offset + len)` (offsets into
+    /// the payload) are still owed to the host. Parked bytes precede
+    /// buffered ones whatever the limits, since guest memory is the only
+    /// place they are. False if the chain cannot be parked.
+    ///
+    /// # Safety
+    ///
+    /// As [`Parked::push`].
+    pub unsafe fn repark(
+        &mut self,
+        head: u16,
+        pkt: &GuestIovs<'_>,
+        offset: usize,
+        len: usize,
+    ) -> bool {
+        // SAFETY: the caller's contract.
+        unsafe { self.parked.push(head, pkt, HEADER_SIZE_BYTES + offset, len) }
+    }
+
+    /// True when the parked chains hold exactly the bytes the record says
+    /// they do (`[fwd_cnt, txbuf_start)`), as after a complete adoption.
+    pub fn parked_bytes_match(&self) -> bool {
+        let owed = Wrapping(self.txbuf_start()) - self.fwd_cnt;
+        owed.0 as usize == self.parked.bytes()
     }
 
     /// Keeps this new connection's buffer in shared memory at `data`, so a
@@ -717,7 +779,7 @@ impl<S: HostStream> Connection<S> {
     /// # Safety
     ///
     /// `data` must be valid for reads and writes of
-    /// [`Connection::shared_buffer_bytes`] bytes for the connection's whole
+    /// [`crate::store::data_area_bytes`] bytes for the connection's whole
     /// life and used by nothing else meanwhile.
     pub unsafe fn use_shared_buffer(&mut self, data: *mut u8) {
         debug_assert!(self.txbuf.is_empty());
@@ -758,7 +820,7 @@ mod record_tests {
         let buf_alloc = 256 * 1024;
         let mut c =
             Connection::new_guest_initiated(ours.try_clone().unwrap(), key, &hdr, buf_alloc);
-        let mut area = vec![0u8; Connection::<UnixStream>::shared_buffer_bytes(buf_alloc)];
+        let mut area = vec![0u8; crate::store::data_area_bytes(buf_alloc)];
         // SAFETY: `area` outlives both connections below, used by one at a time.
         unsafe { c.use_shared_buffer(area.as_mut_ptr()) };
         // Send until the socket is full and about 100 KiB are buffered.

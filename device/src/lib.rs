@@ -14,6 +14,7 @@ mod iov;
 mod muxer;
 pub mod packet;
 mod parked;
+pub mod store;
 mod txbuf;
 
 use std::fmt;
@@ -21,7 +22,8 @@ use std::fmt;
 pub use conn::MAX_RX_BATCH;
 pub use host::{Host, HostStream};
 pub use iov::GuestIovs;
-pub use muxer::{Muxer, MuxerConfig, MuxerStats};
+pub use muxer::{Adopted, Muxer, MuxerConfig, MuxerStats, TxChain};
+pub use store::ConnStore;
 
 /// Errors of the device layer.
 #[derive(Debug, thiserror::Error)]

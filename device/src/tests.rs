@@ -161,7 +161,8 @@ impl Rig {
         // dropped; nothing else touches them.
         let pkt = unsafe { GuestIovs::new(&iovs) };
         // SAFETY: as above, the buffers outlive every use the muxer makes.
-        let done = unsafe { self.mux.handle_tx_parking(head, &pkt) };
+        let chain = crate::TxChain { head, counter: 0 };
+        let done = unsafe { self.mux.handle_tx_parking(chain, &pkt) };
         self.kept.push(hb);
         self.kept.push(pb);
         done

@@ -31,9 +31,7 @@ use crate::iov::{write_fd, GuestIovs};
 enum Storage {
     /// Allocated on first use and freed when drained.
     Heap(Box<[u8]>),
-    /// A fixed area of shared memory that a successor can adopt (only
-    /// the connection-record tests use it so far).
-    #[allow(dead_code)]
+    /// A fixed area of shared memory that a successor can adopt.
     Shared { ptr: *mut u8 },
 }
 
@@ -45,6 +43,8 @@ pub struct TxBuf {
     limit: usize,
     /// Ring size: the smallest power of two holding `limit` bytes.
     ring: usize,
+    /// A byte was ever stored.
+    used: bool,
 }
 
 /// Bytes of ring a buffer limited to `limit` bytes uses.
@@ -60,6 +60,7 @@ impl TxBuf {
             held: 0,
             limit,
             ring: ring_bytes(limit),
+            used: false,
         }
     }
 
@@ -71,7 +72,6 @@ impl TxBuf {
     /// `ptr` must be valid for reads and writes of [`ring_bytes(limit)`]
     /// bytes for the buffer's whole life, and nothing else may use them
     /// meanwhile.
-    #[allow(dead_code)]
     pub unsafe fn shared(limit: usize, ptr: *mut u8, held: usize) -> Result<Self, ()> {
         if held > limit {
             return Err(());
@@ -81,11 +81,16 @@ impl TxBuf {
             held,
             limit,
             ring: ring_bytes(limit),
+            used: held > 0,
         })
     }
 
+    /// True when a byte was ever stored.
+    pub fn was_used(&self) -> bool {
+        self.used
+    }
+
     /// Bytes held.
-    #[allow(dead_code)]
     pub fn len(&self) -> usize {
         self.held
     }
@@ -121,6 +126,7 @@ impl TxBuf {
     /// Copies `len` bytes of `src` from `src_offset` to the places of
     /// stream offsets `[at, at + len)`.
     fn copy_in(&mut self, at: Wrapping<u32>, src: &GuestIovs<'_>, src_offset: usize, len: usize) {
+        self.used |= len > 0;
         let mut done = 0;
         while done < len {
             let p = self.pos(at + Wrapping(done as u32));

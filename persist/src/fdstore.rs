@@ -29,6 +29,14 @@ pub mod well_known {
     pub const HOST_LISTENER: u64 = 2;
     /// First id of the range the worker allocates from.
     pub const FIRST_WORKER_ID: u64 = 1 << 16;
+    /// Host streams of connections: this plus the connection's uid (above
+    /// every id a session's control messages use).
+    pub const CONN_STREAM_BASE: u64 = 1 << 48;
+
+    /// The id the host stream of connection `uid` is kept under.
+    pub const fn conn_stream(uid: u64) -> u64 {
+        CONN_STREAM_BASE + uid
+    }
 }
 
 /// The keeper's side: descriptors by id.

@@ -158,7 +158,8 @@ impl InflightLog {
             });
         }
         self.size = size;
-        self.next_counter = 1;
+        // Counters keep rising across restarts of the ring: records made
+        // before (a connection's last chain applied) compare with them.
         // SAFETY: header and entries lie in the area (`at`), which only
         // this log writes.
         unsafe {
@@ -178,10 +179,18 @@ impl InflightLog {
         Ok(())
     }
 
-    /// Records that `head` was popped.
-    pub fn mark(&mut self, head: u16) {
+    /// Makes the next counter at least `at_least`: a successor raises it
+    /// past every counter its records name, so counters never repeat in a
+    /// region's life.
+    pub fn raise_counter(&mut self, at_least: u64) {
+        self.next_counter = self.next_counter.max(at_least);
+    }
+
+    /// Records that `head` was popped; returns its counter (0 for a head
+    /// out of range, which is not recorded).
+    pub fn mark(&mut self, head: u16) -> u64 {
         if head >= self.size {
-            return;
+            return 0;
         }
         let counter = self.next_counter;
         self.next_counter += 1;
@@ -190,6 +199,7 @@ impl InflightLog {
             std::ptr::write_volatile(std::ptr::addr_of_mut!((*self.desc(head)).counter), counter);
         }
         self.inflight_flag(head).store(1, Ordering::Release);
+        counter
     }
 
     /// Records that `head` went back to the driver: call after the used
@@ -210,6 +220,15 @@ impl InflightLog {
     /// Records the used index just published, after clearing its heads.
     pub fn set_used_idx(&mut self, used_idx: u16) {
         self.used_idx_field().store(used_idx, Ordering::Release);
+    }
+
+    /// The counter `head` was last marked with (0 if out of range).
+    pub fn counter(&self, head: u16) -> u64 {
+        if head >= self.size {
+            return 0;
+        }
+        // SAFETY: the entry lies in the area (`head < size <= capacity`).
+        unsafe { std::ptr::read_volatile(std::ptr::addr_of!((*self.desc(head)).counter)) }
     }
 
     /// True when `head` is in flight.
@@ -262,7 +281,8 @@ impl InflightLog {
             .map(|h| (unsafe { std::ptr::read_volatile(self.desc(h)) }.counter, h))
             .collect();
         resubmit.sort_unstable();
-        self.next_counter = resubmit.last().map_or(1, |&(c, _)| c + 1);
+        let after_last = resubmit.last().map_or(1, |&(c, _)| c + 1);
+        self.next_counter = self.next_counter.max(after_last);
         Ok(Recovered {
             next_avail: guest_used_idx.wrapping_add(resubmit.len() as u16),
             resubmit: resubmit.into_iter().map(|(_, h)| h).collect(),

@@ -78,14 +78,14 @@ pub struct RingsState {
     pub rx_pending_batch: u64,
     /// Last RX batch known published.
     pub rx_confirmed_batch: u64,
-    /// Used index the pending batch publishes.
-    pub rx_pending_used: u16,
-    pub _pad: [u16; 3],
+    /// Used index the pending batch publishes (a u16, stored in a u64 so
+    /// that every field is one atomic word).
+    pub rx_pending_used: u64,
     /// Next connection uid to hand out.
     pub next_conn_uid: u64,
 }
 
-// SAFETY: `repr(C)`, integers, no padding (8 + 8 + 2 + 6 + 8 = 32 bytes).
+// SAFETY: `repr(C)`, four u64, no padding (32 bytes).
 unsafe impl ByteValued for RingsState {}
 
 /// Offsets of the parts.
@@ -267,9 +267,59 @@ impl Region {
         unsafe { Record::at(self.at(self.layout.session), self.keep()) }
     }
 
-    /// The rings part, for reading and writing in place.
-    pub fn rings(&self) -> *mut RingsState {
-        self.at(self.layout.rings).cast()
+    fn rings_field(&self, offset: usize) -> &AtomicU64 {
+        // SAFETY: the rings part is 64-aligned and RINGS_BYTES long, and
+        // every field read or written through here is a u64 at an 8-aligned
+        // offset inside it; AtomicU64 has u64's layout.
+        unsafe { &*self.at(self.layout.rings + offset).cast::<AtomicU64>() }
+    }
+
+    /// The RX commit state and uid counter as they stand.
+    pub fn rings(&self) -> RingsState {
+        let used = self
+            .rings_field(std::mem::offset_of!(RingsState, rx_pending_used))
+            .load(Ordering::Acquire);
+        RingsState {
+            rx_pending_batch: self
+                .rings_field(std::mem::offset_of!(RingsState, rx_pending_batch))
+                .load(Ordering::Acquire),
+            rx_confirmed_batch: self
+                .rings_field(std::mem::offset_of!(RingsState, rx_confirmed_batch))
+                .load(Ordering::Acquire),
+            rx_pending_used: used,
+            next_conn_uid: self
+                .rings_field(std::mem::offset_of!(RingsState, next_conn_uid))
+                .load(Ordering::Acquire),
+        }
+    }
+
+    /// Marks RX batch `batch` pending: every slot it changed is written,
+    /// and publishing it sets `used->idx` to `used`. The used index is
+    /// stored first, so a batch number is never seen with another batch's
+    /// index.
+    pub fn rx_mark_pending(&self, batch: u64, used: u16) {
+        self.rings_field(std::mem::offset_of!(RingsState, rx_pending_used))
+            .store(u64::from(used), Ordering::Release);
+        self.rings_field(std::mem::offset_of!(RingsState, rx_pending_batch))
+            .store(batch, Ordering::Release);
+    }
+
+    /// Marks RX batch `batch` published.
+    pub fn rx_mark_confirmed(&self, batch: u64) {
+        self.rings_field(std::mem::offset_of!(RingsState, rx_confirmed_batch))
+            .store(batch, Ordering::Release);
+    }
+
+    /// Hands out the next connection uid (from 1).
+    pub fn take_conn_uid(&self) -> u64 {
+        let field = self.rings_field(std::mem::offset_of!(RingsState, next_conn_uid));
+        field.fetch_add(1, Ordering::AcqRel).max(1)
+    }
+
+    /// Makes every uid below `uid` taken.
+    pub fn reserve_conn_uids(&self, uid: u64) {
+        self.rings_field(std::mem::offset_of!(RingsState, next_conn_uid))
+            .fetch_max(uid, Ordering::AcqRel);
     }
 
     /// The inflight log of queue `q` (0 RX, 1 TX). One writer at a time.
@@ -280,9 +330,31 @@ impl Region {
         Some(unsafe { InflightLog::at(self.at(offset), self.geometry.max_queue_size, self.keep()) })
     }
 
-    /// The TX metadata table: one entry per descriptor head.
-    pub fn tx_meta(&self) -> *mut TxMeta {
-        self.at(self.layout.tx_meta).cast()
+    /// The TX metadata entry of descriptor `head`.
+    pub fn tx_meta(&self, head: u16) -> Option<TxMeta> {
+        let p = self.tx_meta_ptr(head)?;
+        // SAFETY: `tx_meta_ptr` checked the entry lies in the table.
+        Some(unsafe { std::ptr::read_volatile(p) })
+    }
+
+    /// Stores the TX metadata entry of descriptor `head`.
+    pub fn set_tx_meta(&self, head: u16, meta: &TxMeta) {
+        if let Some(p) = self.tx_meta_ptr(head) {
+            // SAFETY: as in `tx_meta`; one writer at a time.
+            unsafe { std::ptr::write_volatile(p, *meta) };
+            std::sync::atomic::fence(Ordering::Release);
+        }
+    }
+
+    fn tx_meta_ptr(&self, head: u16) -> Option<*mut TxMeta> {
+        (head < self.geometry.max_queue_size).then(|| {
+            // SAFETY: the table has `max_queue_size` 8-aligned entries.
+            unsafe {
+                self.at(self.layout.tx_meta)
+                    .cast::<TxMeta>()
+                    .add(usize::from(head))
+            }
+        })
     }
 
     /// Connection slot `i`. One writer at a time.

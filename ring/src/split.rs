@@ -150,6 +150,17 @@ impl SplitRing {
         Ok(u16::from_le(idx))
     }
 
+    /// Stores `used->idx` in guest memory: recovery publishing a batch
+    /// whose used elements a dead process wrote but never published.
+    pub fn store_used_idx(
+        mem: &GuestMemory,
+        addrs: &RingAddresses,
+        idx: u16,
+    ) -> Result<(), RingError> {
+        mem.store(idx.to_le(), GuestAddress(addrs.used + 2), Ordering::Release)?;
+        Ok(())
+    }
+
     /// Reads the head id in used element `pos` (taken modulo the queue
     /// size) from guest memory, for recovery. `None` if it is unreadable or
     /// not a valid head.

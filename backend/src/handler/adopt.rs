@@ -10,10 +10,19 @@
 //!   over, by the ids the record names;
 //! * a running ring's indices: from guest memory, which outlived the dead
 //!   worker. `next_used` is `used->idx`. RX chains are never held across a
-//!   batch, so RX resumes popping at `used->idx`. TX chains may be held
-//!   (parked), so TX resumes at `used->idx` plus the chains its inflight
-//!   log shows in flight, and those chains are handled again, oldest first,
-//!   as if just popped.
+//!   batch, so RX resumes popping at `used->idx`, after rolling forward a
+//!   batch marked pending but not published (its used elements are in
+//!   guest memory and its connections' records are written). TX chains
+//!   may be held (parked), so TX resumes at `used->idx` plus the chains its
+//!   inflight log shows in flight;
+//! * connections: from their slots, each read as of the last RX batch
+//!   marked pending (a copy from a later batch is rolled back to the older
+//!   copy, and the slot rewritten so that the older copy is the newest),
+//!   with their host streams from the keeper and their buffered bytes in
+//!   their data areas;
+//! * then the TX chains in flight are handled again, oldest first: the
+//!   muxer skips what their connections' records say was applied and
+//!   parks again what was not yet forwarded (see the device's `keep`).
 //!
 //! Every chain the dead worker popped is thus either in the used ring or
 //! handled again, never lost. Finally both queues are notified once: a
@@ -22,9 +31,13 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 
 use log::{info, warn};
+use vsockd_device::Adopted;
+use vsockd_persist::fdstore::well_known::conn_stream;
 use vsockd_persist::session::*;
+use vsockd_persist::slot::ConnRecord;
 use vsockd_persist::FdSet;
 use vsockd_ring::SplitRing;
 
@@ -156,14 +169,38 @@ impl VsockDevice {
                 )),
             });
         }
+        let rings = self
+            .persist
+            .as_ref()
+            .ok_or("no state region")?
+            .region
+            .rings();
+        let rx_pending = rings.rx_pending_batch > rings.rx_confirmed_batch;
         let mut resubmit = Vec::new();
         for (q, r) in rec.vrings.iter().enumerate().take(NUM_QUEUES) {
             if r.flags & VRING_STARTED == 0 {
                 continue;
             }
             let (mem, addrs) = self.ring_addrs(q)?;
-            let used = SplitRing::guest_used_idx(&mem.mem, &addrs)
+            let mut used = SplitRing::guest_used_idx(&mem.mem, &addrs)
                 .map_err(|e| format!("queue {q}: {e}"))?;
+            if q == RX_QUEUE && rx_pending && rings.rx_pending_used != u64::from(used) {
+                let target = rings.rx_pending_used as u16;
+                let ahead = target.wrapping_sub(used);
+                if u32::from(ahead) > r.size {
+                    return Err(format!(
+                        "RX batch {} publishes used index {target}, {ahead} past the guest's {used}",
+                        rings.rx_pending_batch
+                    ));
+                }
+                SplitRing::store_used_idx(&mem.mem, &addrs, target)
+                    .map_err(|e| format!("queue {q}: {e}"))?;
+                info!(
+                    "RX batch {} published on adoption: used index {used} -> {target}",
+                    rings.rx_pending_batch
+                );
+                used = target;
+            }
             self.vrings[q].base = used;
             if q == TX_QUEUE {
                 let probe = self.build_ring(q)?;
@@ -190,13 +227,70 @@ impl VsockDevice {
             );
             self.install_ring(q, ring).map_err(|e| e.to_string())?;
         }
+        let last_batch = rings.rx_pending_batch.max(rings.rx_confirmed_batch);
+        self.adopt_connections(fds, last_batch)?;
         self.resubmit_tx(&resubmit);
+        self.muxer.finish_adoption();
         for q in [RX_QUEUE, TX_QUEUE] {
             if self.vrings[q].ring.is_some() {
                 self.notify(q);
             }
         }
         Ok(true)
+    }
+
+    /// Rebuilds the connections from their slots as of RX batch
+    /// `last_batch`, with their host streams from `fds`.
+    fn adopt_connections(&mut self, fds: &mut FdSet, last_batch: u64) -> Result<(), String> {
+        let p = self.persist.as_mut().ok_or("no state region")?;
+        let region = p.region.clone();
+        region.rx_mark_confirmed(last_batch);
+        let mut found = Vec::new();
+        let mut newest_batch = last_batch;
+        let mut highest_uid = 0;
+        let mut highest_counter = 0;
+        for i in 0..region.geometry().conn_slots {
+            let Some(mut slot) = region.slot(i) else {
+                break;
+            };
+            let newest = slot.read();
+            let Some(newest) = newest else { continue };
+            newest_batch = newest_batch.max(newest.body.rx_batch);
+            highest_uid = highest_uid.max(newest.body.uid);
+            let accepted = slot.read_where(|c| c.body.rx_batch <= last_batch);
+            let record = accepted.map(|c| c.body).unwrap_or_default();
+            if accepted != Some(newest) {
+                // The newest copy was rolled back: rewrite the accepted
+                // state, so the next write cannot overwrite it.
+                slot.write(&record);
+            }
+            highest_uid = highest_uid.max(record.uid);
+            if record.uid == 0 {
+                continue;
+            }
+            highest_counter = highest_counter.max(record.last_tx_counter);
+            let Some(fd) = fds.take(conn_stream(record.uid)) else {
+                warn!(
+                    "connection slot {i} (host:{} guest:{}): its host stream was not handed over; closing it",
+                    record.local_port, record.peer_port
+                );
+                slot.write(&ConnRecord::default());
+                continue;
+            };
+            let stream = UnixStream::from(fd);
+            if let Err(e) = stream.set_nonblocking(true) {
+                warn!("connection slot {i}: host stream: {e}");
+            }
+            found.push(Adopted {
+                slot: i as usize,
+                record,
+                stream,
+            });
+        }
+        region.reserve_conn_uids(highest_uid + 1);
+        p.tx_log.raise_counter(highest_counter + 1);
+        self.muxer.adopt(found, newest_batch);
+        Ok(())
     }
 
     /// Handles again the TX chains a dead worker had popped and not
@@ -212,9 +306,11 @@ impl VsockDevice {
         };
         let chain = &mut self.chain;
         let muxer = &mut self.muxer;
+        let log = self.persist.as_ref().map(|p| &p.tx_log);
         let result = heads.iter().try_for_each(|&head| {
+            let counter = log.map_or(0, |l| l.counter(head));
             match ring.walk_head(mem, chain, head) {
-                Ok(()) => handle_tx_chain(ring, mem, muxer, chain)?,
+                Ok(()) => handle_tx_chain(ring, mem, muxer, chain, counter, true)?,
                 Err(e) => {
                     warn!("TX queue: resubmitted chain is malformed: {e}");
                     ring.push_used(mem, head, 0)?;

@@ -15,10 +15,11 @@
 //! reset. Comparing addresses as well as the base catches a reset even when
 //! the rings happened to stop at an index that is a multiple of 65536.
 //!
-//! Invariant: the device never holds a descriptor chain across calls. Every
-//! chain popped is returned to the used ring before control goes back to the
-//! event loop, so a stopped ring's base is also its used index and nothing
-//! is lost when the frontend stops or resets it.
+//! Invariant: RX chains are returned in the batch that popped them; TX
+//! chains may be held (parked on a connection whose host stream is full),
+//! but every one is returned before its ring stops or guest memory is
+//! remapped (`unpark_tx`), so a stopped ring's base is also its used index
+//! and nothing is lost when the frontend stops or resets it.
 
 use std::fs::File;
 use std::io;
@@ -35,7 +36,7 @@ use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vhost::vhost_user::{Error as VhostError, GpuBackend, Result as VhostResult};
 use vhost::VhostUserMemoryRegionBase;
 use vsockd_device::packet::HEADER_SIZE_BYTES;
-use vsockd_device::{GuestIovs, Muxer};
+use vsockd_device::{GuestIovs, Muxer, TxChain};
 use vsockd_persist::session::{MemRegionRecord, MAX_MEM_REGIONS};
 use vsockd_ring::{Chain, RingAddresses, SplitRing};
 
@@ -382,6 +383,14 @@ impl VsockDevice {
         if let Err(e) = result {
             warn!("queue {q}: {e}");
         }
+        // RX: the batch's connection changes are written and the batch
+        // marked pending before it is published (see `adopt`).
+        let rx_batch = match (&self.persist, q) {
+            (Some(p), RX_QUEUE) => self.muxer.commit_rx().inspect(|&b| {
+                p.region.rx_mark_pending(b, ring.next_used());
+            }),
+            _ => None,
+        };
         let notify = match ring.publish(&memory.mem) {
             Ok(n) => n,
             Err(e) => {
@@ -389,6 +398,10 @@ impl VsockDevice {
                 false
             }
         };
+        if let (Some(b), Some(p)) = (rx_batch, &self.persist) {
+            p.region.rx_mark_confirmed(b);
+            self.muxer.rx_published();
+        }
         if q == TX_QUEUE {
             if let Some(p) = &mut self.persist {
                 // The chains are the driver's again: out of the log.
@@ -454,15 +467,13 @@ impl VsockDevice {
         let result: Result<(), vsockd_ring::RingError> = (|| loop {
             ring.disable_notification(mem)?;
             while let Some(popped) = ring.pop(mem, chain)? {
-                if let Some(log) = log.as_deref_mut() {
-                    let head = match &popped {
-                        Ok(()) => chain.head(),
-                        Err(e) => e.head,
-                    };
-                    log.mark(head);
-                }
+                let head = match &popped {
+                    Ok(()) => chain.head(),
+                    Err(e) => e.head,
+                };
+                let counter = log.as_deref_mut().map_or(0, |log| log.mark(head));
                 match popped {
-                    Ok(()) => handle_tx_chain(ring, mem, muxer, chain)?,
+                    Ok(()) => handle_tx_chain(ring, mem, muxer, chain, counter, false)?,
                     Err(e) => give_back_malformed(ring, mem, "TX", e)?,
                 }
             }
@@ -551,21 +562,35 @@ impl VsockDevice {
     }
 }
 
-/// Hands one TX chain, walked over `mem`, to the muxer, and returns it to
-/// the used ring unless the muxer parked it.
+/// Hands one TX chain, walked over `mem`, to the muxer (`resubmitted`: a
+/// dead worker had popped it), and returns it to the used ring unless the
+/// muxer parked it.
 fn handle_tx_chain(
     ring: &mut SplitRing,
     mem: &vsockd_ring::GuestMemory,
     muxer: &mut Muxer<UnixHost>,
     chain: &Chain,
+    counter: u64,
+    resubmitted: bool,
 ) -> Result<(), vsockd_ring::RingError> {
     // SAFETY: the chain was walked over `mem`, which stays mapped for this
     // whole call; every iovec lies inside it.
     let pkt = unsafe { GuestIovs::new(chain.readable()) };
+    let tx = TxChain {
+        head: chain.head(),
+        counter,
+    };
     // SAFETY: `mem` stays mapped until `unpark_tx` has run: `set_mem_table`
     // and the TX ring's stop call it first, and `end_session` resets the
     // muxer before unmapping.
-    if unsafe { muxer.handle_tx_parking(chain.head(), &pkt) } {
+    let done = unsafe {
+        if resubmitted {
+            muxer.resubmit_tx(tx, &pkt)
+        } else {
+            muxer.handle_tx_parking(tx, &pkt)
+        }
+    };
+    if done {
         ring.push_used(mem, chain.head(), 0)?;
     }
     Ok(())

@@ -10,6 +10,10 @@
 //!   set (edge-triggered), accepting host clients and turning readiness into
 //!   RX work or buffered-byte flushes.
 //!
+//! * Persistence (`keep`): with a [`ConnStore`] the table is the store's
+//!   slots, and every change is committed as `crate::store` describes;
+//!   [`Muxer::adopt`] rebuilds the table in a successor process.
+//!
 //! Invariant: a connection index is in the RX queue whenever its
 //! `in_rx_queue` flag is set; the flag is set only while the connection has
 //! RX work or had it when queued. Stale queue entries (removed or
@@ -28,7 +32,13 @@ use crate::connect_line::{LineError, MAX_LINE_BYTES};
 use crate::host::Host;
 use crate::iov::{read_fd, GuestIovs};
 use crate::packet::*;
+use crate::store::ConnStore;
 use crate::{ConnKey, DeviceError};
+
+mod keep;
+
+use keep::Keep;
+pub use keep::{Adopted, TxChain};
 
 /// Token of the host listener in the muxer's epoll set.
 const LISTENER_TOKEN: u64 = u64::MAX;
@@ -76,6 +86,8 @@ pub struct Muxer<H: Host> {
     /// TX chains parked over all connections, and the most allowed.
     parked_chains: usize,
     park_limit: usize,
+    /// Where connections are kept for a successor, if anywhere.
+    keep: Option<Keep>,
 }
 
 /// Most TX chains one connection parks; later ones are copied. Four 64 KiB
@@ -109,6 +121,7 @@ impl<H: Host> Muxer<H> {
             completed_tx: Vec::new(),
             parked_chains: 0,
             park_limit: 0,
+            keep: None,
         })
     }
 
@@ -147,9 +160,15 @@ impl<H: Host> Muxer<H> {
         if n > 0 {
             info!("device reset: closing {n} connections");
         }
+        // Every slot is freed at once, and every stream released at once.
+        let mut keep = self.keep.take();
+        if let Some(k) = &mut keep {
+            k.free_all(&self.conns);
+        }
         for slot in 0..self.conns.len() {
             self.remove(slot);
         }
+        self.keep = keep;
         self.conns.clear();
         self.free_slots.clear();
         self.rx_queue.clear();
@@ -160,14 +179,25 @@ impl<H: Host> Muxer<H> {
         self.conns.get_mut(slot).and_then(Option::as_mut)
     }
 
-    fn insert(&mut self, conn: Connection<H::Stream>) -> io::Result<usize> {
+    fn insert(&mut self, mut conn: Connection<H::Stream>) -> io::Result<usize> {
         let slot = match self.free_slots.pop() {
             Some(s) => s,
             None => {
+                if let Some(k) = &self.keep {
+                    if self.conns.len() >= k.store.slots() {
+                        return Err(io::Error::other(format!(
+                            "all {} connection slots are in use",
+                            k.store.slots()
+                        )));
+                    }
+                }
                 self.conns.push(None);
                 self.conns.len() - 1
             }
         };
+        if let Some(k) = &mut self.keep {
+            k.prepare(slot, &mut conn, self.cfg.buf_alloc);
+        }
         let events = epoll::Events::EPOLLIN
             | epoll::Events::EPOLLOUT
             | epoll::Events::EPOLLRDHUP
@@ -181,9 +211,13 @@ impl<H: Host> Muxer<H> {
             ev,
         ) {
             self.free_slots.push(slot);
+            if let Some(k) = &mut self.keep {
+                k.store.release_streams(&[conn.uid]);
+            }
             return Err(e);
         }
         self.conns[slot] = Some(conn);
+        self.commit(slot);
         Ok(slot)
     }
 
@@ -202,6 +236,9 @@ impl<H: Host> Muxer<H> {
         );
         if self.by_key.get(&conn.key) == Some(&slot) {
             self.by_key.remove(&conn.key);
+        }
+        if let Some(k) = &mut self.keep {
+            k.freed(slot, &conn);
         }
         self.free_slots.push(slot);
         debug!("{}: removed", conn.key);
@@ -262,7 +299,13 @@ impl<H: Host> Muxer<H> {
         self.handle_tx_inner(pkt, None);
     }
 
-    /// [`Muxer::handle_tx`] for chain `head`, which the device may keep
+    /// Switches persistence on: connections live in `store`'s slots from
+    /// now on. Call before any connection exists.
+    pub fn set_store(&mut self, store: Box<dyn ConnStore>) {
+        self.keep = Some(Keep::new(store));
+    }
+
+    /// [`Muxer::handle_tx`] for chain `chain.head`, which the device may keep
     /// (park) while the host stream is full. Returns true when the chain
     /// can be returned now; otherwise its head comes back later from
     /// [`Muxer::take_completed_tx`].
@@ -273,8 +316,8 @@ impl<H: Host> Muxer<H> {
     /// [`Muxer::take_completed_tx`], or [`Muxer::unpark_all`] or
     /// [`Muxer::reset`] is called: call `unpark_all` before guest memory
     /// is remapped or the TX ring stops.
-    pub unsafe fn handle_tx_parking(&mut self, head: u16, pkt: &GuestIovs<'_>) -> bool {
-        !self.handle_tx_inner(pkt, Some(head))
+    pub unsafe fn handle_tx_parking(&mut self, chain: TxChain, pkt: &GuestIovs<'_>) -> bool {
+        !self.handle_tx_inner(pkt, Some(chain))
     }
 
     /// How many TX chains the device may hold in all (a share of the TX
@@ -306,10 +349,15 @@ impl<H: Host> Muxer<H> {
             conn.unpark(&mut self.completed_tx);
         }
         self.parked_chains = 0;
+        // Their bytes are in the buffers now: recorded before the chains
+        // go back.
+        for slot in 0..self.conns.len() {
+            self.commit(slot);
+        }
     }
 
     /// Returns true when the chain was parked.
-    fn handle_tx_inner(&mut self, pkt: &GuestIovs<'_>, head: Option<u16>) -> bool {
+    fn handle_tx_inner(&mut self, pkt: &GuestIovs<'_>, chain: Option<TxChain>) -> bool {
         let mut raw = [0u8; HEADER_SIZE_BYTES];
         if pkt.read_at(0, &mut raw) < HEADER_SIZE_BYTES {
             self.stats.bad_packets += 1;
@@ -347,7 +395,7 @@ impl<H: Host> Muxer<H> {
         let key = ConnKey::of_guest_packet(&hdr);
         let Some(slot) = self.by_key.get(&key).copied() else {
             match hdr.op() {
-                OP_REQUEST => self.guest_connect(&hdr, key),
+                OP_REQUEST => self.guest_connect(&hdr, key, chain),
                 OP_RST => {}
                 OP_RESPONSE | OP_RW | OP_SHUTDOWN | OP_CREDIT_UPDATE | OP_CREDIT_REQUEST => {
                     debug!("{key}: {} for no connection: RST", op_name(hdr.op()));
@@ -357,7 +405,9 @@ impl<H: Host> Muxer<H> {
             }
             return false;
         };
-        let parked = self.handle_conn_packet(slot, &hdr, pkt, len, head);
+        let before = self.conn(slot).map(|c| (c.uid, c.rx_cnt()));
+        let parked = self.handle_conn_packet(slot, &hdr, pkt, len, chain.map(|c| c.head));
+        self.tx_applied(slot, chain, before, len);
         self.enqueue(slot);
         parked
     }
@@ -430,7 +480,7 @@ impl<H: Host> Muxer<H> {
     }
 
     /// The guest connects to host port `key.local_port`.
-    fn guest_connect(&mut self, hdr: &PacketHeader, key: ConnKey) {
+    fn guest_connect(&mut self, hdr: &PacketHeader, key: ConnKey, chain: Option<TxChain>) {
         let stream = match self.host.connect(key.local_port) {
             Ok(s) => s,
             Err(e) => {
@@ -446,6 +496,8 @@ impl<H: Host> Muxer<H> {
             Ok(slot) => {
                 self.by_key.insert(key, slot);
                 debug!("{key}: established (guest-initiated)");
+                let before = self.conn(slot).map(|c| (c.uid, c.rx_cnt()));
+                self.tx_applied(slot, chain, before, 0);
                 self.enqueue(slot);
             }
             Err(e) => {
@@ -466,6 +518,17 @@ impl<H: Host> Muxer<H> {
         if bufs.iter().any(|b| b.len() < HEADER_SIZE_BYTES) {
             return 0;
         }
+        if let Some(k) = &mut self.keep {
+            k.in_rx = true;
+        }
+        let filled = self.fill_rx_inner(bufs, lens);
+        if let Some(k) = &mut self.keep {
+            k.in_rx = false;
+        }
+        filled
+    }
+
+    fn fill_rx_inner(&mut self, bufs: &[GuestIovs<'_>], lens: &mut [usize]) -> usize {
         let mut i = 0;
         while i < bufs.len() {
             if let Some(rst) = self.orphan_rsts.pop_front() {
@@ -491,6 +554,9 @@ impl<H: Host> Muxer<H> {
                 continue;
             };
             i += fill.buffers;
+            if let Some(k) = &mut self.keep {
+                k.rx_touched(slot, conn);
+            }
             if fill.close {
                 self.remove(slot);
             } else {
@@ -578,12 +644,20 @@ impl<H: Host> Muxer<H> {
                 warn!("{}: resetting connection: {e}", conn.key);
                 self.reset_conn(slot);
             }
+            // Bytes forwarded are recorded before their chains go back.
+            self.commit(slot);
         }
         self.enqueue(slot);
     }
 
-    /// Reads what a host client sent of its `CONNECT <port>` line.
+    /// Reads what a host client sent of its `CONNECT <port>` line, and
+    /// records how far it got.
     fn read_connect_line(&mut self, slot: usize) {
+        self.read_connect_line_inner(slot);
+        self.commit(slot);
+    }
+
+    fn read_connect_line_inner(&mut self, slot: usize) {
         let mut buf = [0u8; MAX_LINE_BYTES];
         loop {
             let Some(conn) = self.conn(slot) else { return };

@@ -1,0 +1,448 @@
+//! Keeping the connection table for a successor process, and adopting it.
+//!
+//! Commit points (see `crate::store` for what a slot holds):
+//! * TX: before a packet is applied its connection's `rx_cnt` is noted;
+//!   after, the chain's [`TxMeta`] is stored, then the slot with
+//!   `last_tx_counter` = the chain's inflight counter. The backend returns
+//!   the chain to the guest only after that. Between two commits of a slot
+//!   at most one packet's bytes enter its shared buffer, and they land
+//!   outside the bytes the last committed copy holds (the credit bound), so
+//!   a committed copy never names bytes that were overwritten.
+//! * Host events: after each host read or write, before the chains it
+//!   finished go back to the guest.
+//! * RX: a batch's changes are committed together, each slot tagged with
+//!   the batch number ([`Muxer::commit_rx`]); the backend then marks the
+//!   batch pending, publishes `used->idx` and marks it confirmed
+//!   ([`Muxer::rx_published`]). A slot copy whose batch was never marked
+//!   pending is rolled back to the older copy; a pending batch is rolled
+//!   forward (its used elements are already in guest memory).
+//! * Removal: a free record. A connection removed inside an RX batch keeps
+//!   its host stream until the batch is confirmed, since rolling the batch
+//!   back brings the connection back.
+//!
+//! Adoption ([`Muxer::adopt`], [`Muxer::resubmit_tx`],
+//! [`Muxer::finish_adoption`]): connections come back from their records
+//! and kept streams. A TX chain the dead process had in flight is handled
+//! again unless its connection's `last_tx_counter` shows it was applied;
+//! then only the part of its payload still owed to the host,
+//! `[fwd_cnt, txbuf_start)` intersected with the chain's bytes, is parked
+//! again. Once every chain is resubmitted, each connection's parked bytes
+//! must be exactly `[fwd_cnt, txbuf_start)`; a connection where they are
+//! not is reset, and logged.
+//!
+//! Not kept: RSTs owed for unknown connections (a guest that sent to a
+//! dead connection during the crash sees its packet go unanswered, and its
+//! own timeout applies), and readiness, which is assumed (an extra read
+//! costs one EAGAIN).
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use log::{debug, info, warn};
+
+use super::{Muxer, FIRST_LOCAL_PORT};
+use crate::conn::{Connection, State};
+use crate::host::{Host, HostStream};
+use crate::iov::GuestIovs;
+use crate::packet::HEADER_SIZE_BYTES;
+use crate::store::{ConnRecord, ConnStore, TxMeta};
+use crate::txbuf::ring_bytes;
+
+/// A TX chain as the backend popped it: its head, and its inflight
+/// counter (pop order, from 1; 0 when nothing is persisted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxChain {
+    pub head: u16,
+    pub counter: u64,
+}
+
+/// A connection found in the store, with its kept host stream.
+pub struct Adopted<S> {
+    pub slot: usize,
+    pub record: ConnRecord,
+    pub stream: S,
+}
+
+/// The muxer's persistence state.
+pub(super) struct Keep {
+    pub store: Box<dyn ConnStore>,
+    /// Number of the next RX batch.
+    next_rx_batch: u64,
+    /// `fill_rx` is running: removals wait for the batch's commit.
+    pub in_rx: bool,
+    /// Slots changed by the RX batch being filled.
+    rx_dirty: Vec<usize>,
+    /// Slots freed by it.
+    rx_freed: Vec<usize>,
+    /// Streams and areas to release once the batch is confirmed:
+    /// (slot, uid, discard the area).
+    after_rx: Vec<(usize, u64, bool)>,
+}
+
+fn free_record(rx_batch: u64) -> ConnRecord {
+    ConnRecord {
+        rx_batch,
+        ..Default::default()
+    }
+}
+
+impl Keep {
+    pub fn new(store: Box<dyn ConnStore>) -> Self {
+        Keep {
+            store,
+            next_rx_batch: 1,
+            in_rx: false,
+            rx_dirty: Vec::new(),
+            rx_freed: Vec::new(),
+            after_rx: Vec::new(),
+        }
+    }
+
+    /// Gives a new connection its uid and shared buffer, and keeps its
+    /// stream (before any record names the uid).
+    pub fn prepare<S: HostStream>(
+        &mut self,
+        slot: usize,
+        conn: &mut Connection<S>,
+        buf_alloc: u32,
+    ) {
+        conn.uid = self.store.next_uid();
+        if ring_bytes(buf_alloc as usize) <= self.store.data_bytes() {
+            if let Some(area) = self.store.data_area(slot) {
+                // SAFETY: `ConnStore`'s contract: the area is valid as long
+                // as the store, which the muxer keeps longer than any
+                // connection, and it belongs to this slot alone.
+                unsafe { conn.use_shared_buffer(area) };
+            }
+        }
+        self.store.keep_stream(conn.uid, conn.stream.as_raw_fd());
+    }
+
+    /// Connection `conn` left slot `slot`.
+    pub fn freed<S: HostStream>(&mut self, slot: usize, conn: &Connection<S>) {
+        let discard = conn.used_shared_buffer();
+        if self.in_rx {
+            self.rx_freed.push(slot);
+            self.after_rx.push((slot, conn.uid, discard));
+            return;
+        }
+        self.store.commit(slot, &free_record(conn.rx_batch));
+        self.store.release_streams(&[conn.uid]);
+        if discard {
+            self.store.discard_data(slot);
+        }
+    }
+
+    /// Frees every slot in `conns` at once (device reset).
+    pub fn free_all<S: HostStream>(&mut self, conns: &[Option<Connection<S>>]) {
+        let mut uids = Vec::new();
+        for (slot, conn) in conns.iter().enumerate() {
+            let Some(conn) = conn else { continue };
+            self.store.commit(slot, &free_record(conn.rx_batch));
+            if conn.used_shared_buffer() {
+                self.store.discard_data(slot);
+            }
+            uids.push(conn.uid);
+        }
+        self.store.release_streams(&uids);
+        self.rx_dirty.clear();
+    }
+
+    /// Connection `conn` in `slot` changed in the RX batch being filled.
+    pub fn rx_touched<S>(&mut self, slot: usize, conn: &mut Connection<S>) {
+        if !conn.rx_dirty {
+            conn.rx_dirty = true;
+            self.rx_dirty.push(slot);
+        }
+    }
+}
+
+impl<H: Host> Muxer<H> {
+    /// Commits slot `slot` if its connection changed since its last
+    /// commit (no-op without a store or a connection).
+    pub(super) fn commit(&mut self, slot: usize) {
+        let (Some(k), Some(Some(conn))) = (&mut self.keep, self.conns.get_mut(slot)) else {
+            return;
+        };
+        commit_conn(k, slot, conn);
+    }
+
+    /// A TX packet was applied to the connection in `slot`, whose uid and
+    /// `rx_cnt` were `before`: stores where the chain's payload went, then
+    /// the connection.
+    pub(super) fn tx_applied(
+        &mut self,
+        slot: usize,
+        chain: Option<TxChain>,
+        before: Option<(u64, u32)>,
+        len: usize,
+    ) {
+        let (Some(k), Some(Some(conn))) = (&mut self.keep, self.conns.get_mut(slot)) else {
+            return;
+        };
+        if let (Some(chain), Some((uid, offset))) = (chain, before) {
+            if chain.counter != 0 && conn.uid == uid {
+                let meta = TxMeta {
+                    counter: chain.counter,
+                    conn_uid: uid,
+                    offset,
+                    len: len as u32,
+                };
+                k.store.note_tx(chain.head, &meta);
+                conn.last_tx_counter = chain.counter;
+            }
+        }
+        commit_conn(k, slot, conn);
+    }
+
+    /// Commits what the RX batch just filled changed, tagged with a new
+    /// batch number, which it returns (`None`: nothing to commit). The
+    /// caller marks the batch pending, publishes it, then calls
+    /// [`Muxer::rx_published`].
+    pub fn commit_rx(&mut self) -> Option<u64> {
+        let k = self.keep.as_mut()?;
+        if k.rx_dirty.is_empty() && k.rx_freed.is_empty() {
+            return None;
+        }
+        let batch = k.next_rx_batch;
+        k.next_rx_batch += 1;
+        for slot in k.rx_freed.drain(..) {
+            k.store.commit(slot, &free_record(batch));
+        }
+        for slot in std::mem::take(&mut k.rx_dirty) {
+            if let Some(Some(conn)) = self.conns.get_mut(slot) {
+                conn.rx_dirty = false;
+                conn.rx_batch = batch;
+                commit_conn(k, slot, conn);
+            }
+        }
+        Some(batch)
+    }
+
+    /// The batch [`Muxer::commit_rx`] returned is published: the streams
+    /// of connections it removed are released.
+    pub fn rx_published(&mut self) {
+        let Some(k) = &mut self.keep else { return };
+        if k.after_rx.is_empty() {
+            return;
+        }
+        let uids: Vec<u64> = k.after_rx.iter().map(|&(_, uid, _)| uid).collect();
+        k.store.release_streams(&uids);
+        for (slot, _, discard) in std::mem::take(&mut k.after_rx) {
+            if discard {
+                k.store.discard_data(slot);
+            }
+        }
+    }
+
+    /// Rebuilds the connection table from what a dead process stored:
+    /// `conns` are the live slots' records with their kept streams, and
+    /// `last_rx_batch` the newest RX batch the records may carry. Call on a
+    /// muxer with a store and no connections. Returns the connections
+    /// adopted.
+    pub fn adopt(&mut self, conns: Vec<Adopted<H::Stream>>, last_rx_batch: u64) -> usize {
+        let Some(k) = &mut self.keep else { return 0 };
+        k.next_rx_batch = last_rx_batch + 1;
+        let data_bytes = k.store.data_bytes();
+        let mut adopted = 0;
+        for Adopted {
+            slot,
+            record,
+            stream,
+        } in conns
+        {
+            let Some(k) = &mut self.keep else {
+                return adopted;
+            };
+            let area = k
+                .store
+                .data_area(slot)
+                .filter(|_| ring_bytes(record.buf_alloc as usize) <= data_bytes);
+            let built = match area {
+                // SAFETY: `ConnStore`'s contract, as in `Keep::prepare`; the
+                // dead process's connection no longer uses the area.
+                Some(area) => unsafe { Connection::from_record(&record, stream, area) },
+                None => Err(format!(
+                    "credit {} does not fit a {data_bytes}-byte data area",
+                    record.buf_alloc
+                )),
+            };
+            let conn = match built {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(
+                        "connection slot {slot} (host:{} guest:{}) cannot be adopted: {e}; closing it",
+                        record.local_port, record.peer_port
+                    );
+                    k.store.commit(slot, &free_record(record.rx_batch));
+                    k.store.release_streams(&[record.uid]);
+                    continue;
+                }
+            };
+            if let Err(e) = self.insert_adopted(slot, conn) {
+                warn!("connection slot {slot}: cannot poll its host stream: {e}; closing it");
+                if let Some(k) = &mut self.keep {
+                    k.store.commit(slot, &free_record(record.rx_batch));
+                    k.store.release_streams(&[record.uid]);
+                }
+                continue;
+            }
+            adopted += 1;
+        }
+        self.free_slots = (0..self.conns.len())
+            .rev()
+            .filter(|&s| self.conns[s].is_none())
+            .collect();
+        let highest = self
+            .conns
+            .iter()
+            .flatten()
+            .map(|c| c.key.local_port)
+            .filter(|&p| p >= FIRST_LOCAL_PORT)
+            .max();
+        if let Some(p) = highest.and_then(|p| p.checked_add(1)) {
+            self.next_local_port = p.max(FIRST_LOCAL_PORT);
+        }
+        if adopted > 0 {
+            info!("{adopted} connections adopted");
+        }
+        adopted
+    }
+
+    fn insert_adopted(&mut self, slot: usize, conn: Connection<H::Stream>) -> io::Result<()> {
+        if self.conns.len() <= slot {
+            self.conns.resize_with(slot + 1, || None);
+        }
+        let events = epoll::Events::EPOLLIN
+            | epoll::Events::EPOLLOUT
+            | epoll::Events::EPOLLRDHUP
+            | epoll::Events::EPOLLET;
+        let ev = epoll::Event::new(events, slot as u64);
+        epoll::ctl(
+            self.epoll.as_raw_fd(),
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            conn.stream.as_raw_fd(),
+            ev,
+        )?;
+        if !matches!(conn.state, State::AwaitLine(_)) {
+            self.by_key.insert(conn.key, slot);
+        }
+        self.conns[slot] = Some(conn);
+        Ok(())
+    }
+
+    /// Handles again TX chain `chain`, which a dead process popped and
+    /// never returned. Returns true when it can be returned now (as
+    /// [`Muxer::handle_tx_parking`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`Muxer::handle_tx_parking`].
+    pub unsafe fn resubmit_tx(&mut self, chain: TxChain, pkt: &GuestIovs<'_>) -> bool {
+        let applied = self.keep.as_ref().and_then(|k| {
+            let meta = k.store.tx_meta(chain.head)?;
+            if meta.counter != chain.counter || chain.counter == 0 {
+                return None;
+            }
+            let slot = self
+                .conns
+                .iter()
+                .position(|c| c.as_ref().is_some_and(|c| c.uid == meta.conn_uid))?;
+            let conn = self.conns[slot].as_ref()?;
+            (conn.last_tx_counter >= chain.counter).then_some((slot, meta))
+        });
+        let Some((slot, meta)) = applied else {
+            // SAFETY: the caller's contract.
+            return unsafe { self.handle_tx_parking(chain, pkt) };
+        };
+        // SAFETY: the caller's contract.
+        !unsafe { self.repark(slot, chain.head, pkt, &meta) }
+    }
+
+    /// Parks chain `head` again for what its payload still owes the host;
+    /// returns true when it was parked.
+    ///
+    /// # Safety
+    ///
+    /// As [`Muxer::handle_tx_parking`].
+    unsafe fn repark(
+        &mut self,
+        slot: usize,
+        head: u16,
+        pkt: &GuestIovs<'_>,
+        meta: &TxMeta,
+    ) -> bool {
+        let Some(Some(conn)) = self.conns.get_mut(slot) else {
+            return false;
+        };
+        // Offsets relative to fwd_cnt: the chain's payload starts at
+        // `start` (negative when partly forwarded already), and parked
+        // bytes end at `owed_end`.
+        let fwd = conn.fwd_cnt();
+        let start = i64::from(meta.offset.wrapping_sub(fwd) as i32);
+        let owed_end = i64::from(conn.txbuf_start().wrapping_sub(fwd));
+        let from = start.max(0);
+        let to = (start + i64::from(meta.len)).min(owed_end);
+        if to <= from {
+            debug!("{}: resubmitted chain {head} was fully forwarded", conn.key);
+            return false;
+        }
+        let (offset, len) = ((from - start) as usize, (to - from) as usize);
+        if HEADER_SIZE_BYTES + offset + len > pkt.len() {
+            warn!(
+                "{}: resubmitted chain {head} is shorter than its recorded payload: resetting",
+                conn.key
+            );
+            self.reset_conn(slot);
+            return false;
+        }
+        // SAFETY: the caller's contract.
+        if unsafe { conn.repark(head, pkt, offset, len) } {
+            debug!("{}: chain {head} parked again for {len} bytes", conn.key);
+            self.parked_chains += 1;
+            true
+        } else {
+            warn!(
+                "{}: resubmitted chain {head} cannot be parked again: resetting",
+                conn.key
+            );
+            self.reset_conn(slot);
+            false
+        }
+    }
+
+    /// Ends an adoption, after every chain was resubmitted: checks that
+    /// each connection's parked bytes are those its record says, resets
+    /// any where they are not, and queues every connection for RX (owed
+    /// packets and host bytes).
+    pub fn finish_adoption(&mut self) {
+        for slot in 0..self.conns.len() {
+            let Some(Some(conn)) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if !conn.parked_bytes_match() {
+                warn!(
+                    "{}: the chains in flight do not hold the bytes its record owes the host: resetting",
+                    conn.key
+                );
+                self.reset_conn(slot);
+            }
+            self.commit(slot);
+            self.enqueue(slot);
+        }
+    }
+}
+
+/// Writes `conn`'s record to `slot` unless it is the one last written.
+fn commit_conn<S: HostStream>(k: &mut Keep, slot: usize, conn: &mut Connection<S>) {
+    // A slot changed by an RX batch is committed with the batch.
+    debug_assert!(!conn.rx_dirty, "{}: committed inside an RX batch", conn.key);
+    if conn.rx_dirty {
+        return;
+    }
+    let rec = conn.record();
+    if conn.committed.as_ref() != Some(&rec) {
+        k.store.commit(slot, &rec);
+        conn.committed = Some(rec);
+    }
+}
