@@ -81,8 +81,8 @@ pub struct RingsState {
     /// Used index the pending batch publishes (a u16, stored in a u64 so
     /// that every field is one atomic word).
     pub rx_pending_used: u64,
-    /// Next connection uid to hand out.
-    pub next_conn_uid: u64,
+    /// Last connection uid handed out.
+    pub last_conn_uid: u64,
 }
 
 // SAFETY: `repr(C)`, four u64, no padding (32 bytes).
@@ -287,8 +287,8 @@ impl Region {
                 .rings_field(std::mem::offset_of!(RingsState, rx_confirmed_batch))
                 .load(Ordering::Acquire),
             rx_pending_used: used,
-            next_conn_uid: self
-                .rings_field(std::mem::offset_of!(RingsState, next_conn_uid))
+            last_conn_uid: self
+                .rings_field(std::mem::offset_of!(RingsState, last_conn_uid))
                 .load(Ordering::Acquire),
         }
     }
@@ -312,13 +312,13 @@ impl Region {
 
     /// Hands out the next connection uid (from 1).
     pub fn take_conn_uid(&self) -> u64 {
-        let field = self.rings_field(std::mem::offset_of!(RingsState, next_conn_uid));
-        field.fetch_add(1, Ordering::AcqRel).max(1)
+        let field = self.rings_field(std::mem::offset_of!(RingsState, last_conn_uid));
+        field.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    /// Makes every uid below `uid` taken.
+    /// Makes every uid up to `uid` taken.
     pub fn reserve_conn_uids(&self, uid: u64) {
-        self.rings_field(std::mem::offset_of!(RingsState, next_conn_uid))
+        self.rings_field(std::mem::offset_of!(RingsState, last_conn_uid))
             .fetch_max(uid, Ordering::AcqRel);
     }
 
@@ -432,6 +432,31 @@ mod tests {
         assert_eq!(unsafe { *ptr.add(len - 1) }, 0);
         assert!(r.slot(4).is_none());
         assert!(r.inflight(2).is_none());
+    }
+
+    /// Regression: the first two uids handed out were both 1.
+    #[test]
+    fn connection_uids_are_unique_and_survive_a_reopen() {
+        let fd = memfd();
+        let (r, _) = Region::open(dup(&fd), geometry()).unwrap();
+        let first: Vec<u64> = (0..3).map(|_| r.take_conn_uid()).collect();
+        assert_eq!(first, vec![1, 2, 3]);
+        drop(r);
+        let (r, _) = Region::open(dup(&fd), geometry()).unwrap();
+        assert_eq!(r.take_conn_uid(), 4);
+        r.reserve_conn_uids(10);
+        assert_eq!(r.take_conn_uid(), 11);
+        r.rx_mark_pending(7, 300);
+        r.rx_mark_confirmed(6);
+        let rings = r.rings();
+        assert_eq!(
+            (
+                rings.rx_pending_batch,
+                rings.rx_pending_used,
+                rings.rx_confirmed_batch
+            ),
+            (7, 300, 6)
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod chaos;
 pub mod cpio;
 pub mod errno;
 pub mod error;

@@ -66,8 +66,23 @@ impl Rig {
     }
 
     fn with(name: &str, o: VmOptions) -> Rig {
+        Rig::with_log_level(name, o, None)
+    }
+
+    /// A rig whose backend logs at `level` (None: the default, debug):
+    /// tests that time what they do want no per-packet logging.
+    fn with_log_level(name: &str, o: VmOptions, level: Option<&str>) -> Rig {
         let dir = temp_dir(&format!("vmm-{name}")).unwrap_or_else(|e| panic!("{e}"));
-        let backend = Backend::start(&dir, CID).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let kind = BackendKind::from_env().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let backend = Backend::start_logging(
+            kind,
+            &dir.join("vhost.sock"),
+            &dir.join("vsock.sock"),
+            &dir.join(format!("{}.log", kind.name())),
+            CID,
+            level,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
         let vm = VirtualVm::start(backend.socket(), o).unwrap_or_else(|e| {
             panic!(
                 "{:?}",
@@ -1657,5 +1672,351 @@ fn worker_killed_between_requests_the_device_carries_on() {
     let (g, h) = rig.pair(7400, false);
     rig.check_pair(&g, &h, 60, "after the pause");
     rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+/// A small xorshift generator: kill instants differ from run to run (the
+/// seed is printed, to replay a failure).
+struct Rng(u64);
+
+impl Rng {
+    fn from_clock() -> Rng {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Rng(t | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// Largest chunk a kill may drop or repeat on a raw host stream: what one
+/// socket call moves, whose record the kill prevented. Host to guest, one
+/// RX read (16 buffers of 4 KiB); guest to host, one write of bytes the
+/// guest sent within its credit (vsockd's default `buf_alloc`, 1 MiB).
+const CHAOS_CHUNK_TO_GUEST_BYTES: u64 = 64 * KIB;
+const CHAOS_CHUNK_TO_HOST_BYTES: u64 = MIB;
+
+/// Writes the pattern of `seed` until `stop`, then half-closes; returns
+/// the bytes written.
+fn write_until<W: Write>(
+    mut w: W,
+    seed: u64,
+    stop: &std::sync::atomic::AtomicBool,
+    close: impl FnOnce() -> io::Result<()>,
+) -> io::Result<u64> {
+    let mut buf = vec![0u8; 24 * KIB as usize];
+    let mut k = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        pattern::fill(seed, k, &mut buf);
+        w.write_all(&buf)?;
+        k += buf.len() as u64;
+    }
+    close()?;
+    Ok(k)
+}
+
+/// One exchange on a short-lived connection during the chaos: `CHURN_BYTES`
+/// each way, each side half-closing after its bytes, both read to EOF
+/// through gap-tolerant checkers (a kill may cost a raw stream one chunk,
+/// here the whole message; the caller counts it).
+type FlowResult = (
+    String,
+    io::Result<io::Result<(u64, u64)>>,
+    io::Result<vsockd_tests::chaos::StreamCheck>,
+);
+
+const CHURN_BYTES: u64 = 3000;
+/// How long a churned host connect waits for its OK line before it
+/// counts the handshake as cut by a kill and connects again.
+const CHURN_HANDSHAKE_WAIT: Duration = Duration::from_secs(2);
+
+/// Opens a connection on `port`, exchanges `CHURN_BYTES` each way (each
+/// side half-closes after its bytes; both read to EOF through gap-tolerant
+/// checkers) and drops it. A kill between a host socket call and its
+/// record may repeat a handshake: the guest's connect reaches the host
+/// service twice (the first connection is closed unused), or a host
+/// client accepted or its CONNECT line read just before the kill is
+/// closed or left unanswered. Those are retried and counted (the second
+/// value).
+fn churn_exchange(rig: &Rig, port: u32, guest_initiated: bool, n: u32) -> (Vec<FlowResult>, u32) {
+    let vm = rig.vm();
+    let seed = 5000 + u64::from(n);
+    let what = |s: &str| format!("churn #{n}: {s}");
+    let mut redone = 0;
+    let mut ok_line = None;
+    let (g, h, hl) = if guest_initiated {
+        let hl = rig.ok(HostListener::bind(rig.uds(), port), &what("bind"));
+        let g = rig.ok(vm.connect(port), &what("guest connect"));
+        let h = rig.ok(hl.accept_timeout(T), &what("host accept"));
+        (g, h, Some(hl))
+    } else {
+        let gl = rig.ok(vm.listen(port), &what("guest listen"));
+        let h = loop {
+            match hybrid_connect_timeout(rig.uds(), port, CHURN_HANDSHAKE_WAIT) {
+                Ok((h, local)) => {
+                    ok_line = Some(format!("OK {local}\n"));
+                    break h;
+                }
+                Err(e)
+                    if redone < 3
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::ConnectionReset
+                                | io::ErrorKind::UnexpectedEof
+                        ) =>
+                {
+                    redone += 1
+                }
+                Err(e) => rig.fail(what(&format!("host CONNECT: {e}"))),
+            }
+        };
+        let g = rig.ok(gl.accept(T), &what("guest accept"));
+        (g, h, None)
+    };
+    set_timeouts(&h);
+    rig.ok(guest_write(&g, seed, 0, CHURN_BYTES), &what("guest write"));
+    rig.ok(g.shutdown_write(), &what("guest half-close"));
+    let mut h = h;
+    let mut to_host = read_checked_after(&h, seed, ok_line.as_deref());
+    if let Some(hl) = &hl {
+        let unused = to_host.as_ref().map_or(true, |c| c.received == 0);
+        if unused && redone < 3 {
+            // The stream accepted was the first of a repeated connect.
+            redone += 1;
+            h = rig.ok(
+                hl.accept_timeout(T),
+                &what("host accept after a repeated connect"),
+            );
+            set_timeouts(&h);
+            to_host = read_checked(&h, seed);
+        }
+    }
+    rig.ok(
+        write_verified(&h, reply_seed(seed), CHURN_BYTES),
+        &what("host write"),
+    );
+    rig.ok(h.shutdown(Shutdown::Write), &what("host half-close"));
+    let to_guest = read_checked(&g, reply_seed(seed));
+    // Both sides half-closed: like Linux, the guest's close then sends
+    // nothing and would wait out its close timeout for an RST; drop it.
+    drop((g, h));
+    (
+        vec![
+            (what("guest to host"), Ok(Ok((CHURN_BYTES, 0))), to_host),
+            (what("host to guest"), Ok(Ok((CHURN_BYTES, 0))), to_guest),
+        ],
+        redone,
+    )
+}
+
+/// `read_checked`, for a host stream that a kill may have given its OK
+/// line twice (written, then the kill came before its record): a repeated
+/// line is removed and counted as a repeated chunk.
+fn read_checked_after(
+    mut r: &UnixStream,
+    seed: u64,
+    ok_line: Option<&str>,
+) -> io::Result<vsockd_tests::chaos::StreamCheck> {
+    let mut all = Vec::new();
+    r.read_to_end(&mut all)?;
+    let mut c = vsockd_tests::chaos::StreamCheck::new(seed);
+    let mut data = &all[..];
+    if let Some(line) = ok_line {
+        if let Some(rest) = data.strip_prefix(line.as_bytes()) {
+            c.note_repeated_prefix(line.len() as u64);
+            data = rest;
+        }
+    }
+    c.feed(data);
+    Ok(c)
+}
+
+/// Reads to EOF through a gap-tolerant checker.
+fn read_checked<R: Read>(mut r: R, seed: u64) -> io::Result<vsockd_tests::chaos::StreamCheck> {
+    let mut c = vsockd_tests::chaos::StreamCheck::new(seed);
+    let mut buf = vec![0u8; 64 * KIB as usize];
+    loop {
+        match r.read(&mut buf)? {
+            0 => return Ok(c),
+            n => c.feed(&buf[..n]),
+        }
+    }
+}
+
+#[test]
+fn chaos_worker_killed_500_times_during_verified_streams() {
+    // VSOCKD_CHAOS_KILLS and VSOCKD_CHAOS_LOG change the count and the
+    // backend's log level, to study a failure.
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use vsockd_tests::chaos::ChaosReport;
+
+    const STREAMS: u32 = 8;
+    let kills: u32 = std::env::var("VSOCKD_CHAOS_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    /// Every this many kills, one lands inside a stop and resume.
+    const PAUSE_EVERY: u32 = 20;
+    let level = std::env::var("VSOCKD_CHAOS_LOG").unwrap_or_else(|_| "info".into());
+    let mut rig = Rig::with_log_level("chaos", opts(), Some(&level));
+    if rig.skip_on_peer("the peer has no keeper: its death ends the device") {
+        return;
+    }
+    let mut rng = Rng::from_clock();
+    eprintln!("chaos: random seed {}", rng.0);
+    let pairs: Vec<(VStream, UnixStream)> = (0..STREAMS)
+        .map(|i| rig.pair(7600 + i, i % 2 == 0))
+        .collect();
+    let stop = AtomicBool::new(false);
+    let churned = AtomicU32::new(0);
+    let handshakes_redone = AtomicU32::new(0);
+    let mut report = ChaosReport::default();
+    let vm = rig.vm();
+    let rig_ref = &rig;
+    let results = thread::scope(|sc| {
+        let mut flows = Vec::new();
+        for (i, (g, h)) in pairs.iter().enumerate() {
+            let (gs, hs) = (1000 + i as u64, 2000 + i as u64);
+            let stop = &stop;
+            let gw = sc.spawn(move || write_until(g, gs, stop, || g.shutdown_write()));
+            let hr = sc.spawn(move || read_checked(h, gs));
+            let hw = sc.spawn(move || write_until(h, hs, stop, || h.shutdown(Shutdown::Write)));
+            let gr = sc.spawn(move || read_checked(g, hs));
+            flows.push((format!("stream {i} guest to host"), gw, hr));
+            flows.push((format!("stream {i} host to guest"), hw, gr));
+        }
+        let churn = sc.spawn(|| {
+            let mut n = 0u32;
+            let mut checks = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let (c, redone) = churn_exchange(rig_ref, 9000 + n % 500, n % 2 == 0, n);
+                checks.extend(c);
+                handshakes_redone.fetch_add(redone, Ordering::Relaxed);
+                n += 1;
+                churned.store(n, Ordering::Relaxed);
+            }
+            checks
+        });
+        let used = || {
+            let s = vm.stats();
+            s.used[RX] + s.used[TX]
+        };
+        for k in 0..kills {
+            thread::sleep(Duration::from_micros(rng.below(8000)));
+            if k % PAUSE_EVERY == PAUSE_EVERY - 1 {
+                let delay = Duration::from_micros(rng.below(3000));
+                let pause = sc.spawn(|| vm.stop().and_then(|()| vm.resume()));
+                thread::sleep(delay);
+                rig_ref.ok(
+                    rig_ref.backend.kill_worker(T),
+                    &format!("kill #{k} in a pause"),
+                );
+                rig_ref.ok(
+                    pause.join().expect("pause thread"),
+                    &format!("stop and resume around kill #{k}"),
+                );
+            } else {
+                let t0 = Instant::now();
+                rig_ref.ok(rig_ref.backend.kill_worker(T), &format!("kill #{k}"));
+                let u0 = used();
+                while used() == u0 && t0.elapsed() < T {
+                    thread::sleep(Duration::from_micros(100));
+                }
+                if used() == u0 {
+                    rig_ref.fail(format!("nothing served within {T:?} after kill #{k}"));
+                }
+                report.recovery.push(t0.elapsed());
+            }
+            report.kills += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let churn_checks = rig_ref.ok(
+            churn
+                .join()
+                .map_err(|_| "a churned connection failed (see above)"),
+            "churn",
+        );
+        let flows = flows
+            .into_iter()
+            .map(|(what, w, r)| {
+                let written = w.join().expect("writer thread");
+                let read = r.join().expect("reader thread");
+                (what, Ok(written.map(|w| (w, 0))), read)
+            })
+            .collect::<Vec<_>>();
+        (flows, churn_checks)
+    });
+    let (mut results, churn_checks) = results;
+    results.extend(churn_checks);
+    report.connections_churned = churned.load(Ordering::Relaxed);
+    report.handshakes_redone = handshakes_redone.load(Ordering::Relaxed);
+    let mut failures = Vec::new();
+    let (mut affected_to_guest, mut affected_to_host) = (0u64, 0u64);
+    for (what, written, read) in results {
+        let (written, check) = match (written.and_then(|w| w), read) {
+            (Ok((w, _)), Ok(c)) => (w, c),
+            (w, r) => {
+                report.resets += 1;
+                failures.push(format!(
+                    "{what}: writer {w:?}, reader {:?}",
+                    r.map(|c| c.offset())
+                ));
+                continue;
+            }
+        };
+        let mut check = check;
+        if check.offset() < written && !check.corrupt {
+            // The stream's last bytes never came: a gap at its end.
+            check.gaps.push(vsockd_tests::chaos::Gap::Lost {
+                at: check.offset(),
+                n: written - check.offset(),
+            });
+            check.skip_to(written);
+        }
+        report.bytes_lost += check.lost();
+        report.bytes_duplicated += check.duplicated();
+        report.gaps += check.gaps.len() as u32;
+        report.bytes_verified += check.offset();
+        let affected = check.lost() + check.duplicated();
+        if what.ends_with("host to guest") {
+            affected_to_guest += affected;
+        } else {
+            affected_to_host += affected;
+        }
+        if check.corrupt || check.offset() != written {
+            failures.push(format!(
+                "{what}: wrote {written}, stream ends at {} after {} bytes received, gaps {:?}, corrupt {}",
+                check.offset(),
+                check.received,
+                check.gaps,
+                check.corrupt
+            ));
+        }
+    }
+    eprintln!("chaos (virtual VMM): {report}");
+    // Each kill may cost one chunk each way: a kill interrupts one socket
+    // call before its record, and an RX read group spans connections.
+    let kills = u64::from(report.kills);
+    if affected_to_guest > kills * CHAOS_CHUNK_TO_GUEST_BYTES {
+        failures.push(format!(
+            "{affected_to_guest} bytes lost or repeated host to guest: more than one {CHAOS_CHUNK_TO_GUEST_BYTES}-byte chunk per kill"
+        ));
+    }
+    if affected_to_host > kills * CHAOS_CHUNK_TO_HOST_BYTES {
+        failures.push(format!(
+            "{affected_to_host} bytes lost or repeated guest to host: more than one {CHAOS_CHUNK_TO_HOST_BYTES}-byte chunk per kill"
+        ));
+    }
+    if !failures.is_empty() {
+        rig.fail(format!("{report}\n{}", failures.join("\n")));
+    }
     rig.assert_clean();
 }

@@ -287,7 +287,7 @@ impl VsockDevice {
                 stream,
             });
         }
-        region.reserve_conn_uids(highest_uid + 1);
+        region.reserve_conn_uids(highest_uid);
         p.tx_log.raise_counter(highest_counter + 1);
         self.muxer.adopt(found, newest_batch);
         Ok(())

@@ -383,25 +383,17 @@ impl VsockDevice {
         if let Err(e) = result {
             warn!("queue {q}: {e}");
         }
-        // RX: the batch's connection changes are written and the batch
-        // marked pending before it is published (see `adopt`).
-        let rx_batch = match (&self.persist, q) {
-            (Some(p), RX_QUEUE) => self.muxer.commit_rx().inspect(|&b| {
-                p.region.rx_mark_pending(b, ring.next_used());
-            }),
+        let region = match q {
+            RX_QUEUE => self.persist.as_ref().map(|p| &p.region),
             _ => None,
         };
-        let notify = match ring.publish(&memory.mem) {
+        let notify = match publish_used(ring, &memory.mem, &mut self.muxer, region) {
             Ok(n) => n,
             Err(e) => {
                 warn!("queue {q}: {e}");
                 false
             }
         };
-        if let (Some(b), Some(p)) = (rx_batch, &self.persist) {
-            p.region.rx_mark_confirmed(b);
-            self.muxer.rx_published();
-        }
         if q == TX_QUEUE {
             if let Some(p) = &mut self.persist {
                 // The chains are the driver's again: out of the log.
@@ -494,6 +486,8 @@ impl VsockDevice {
         };
         let chains = &mut self.rx_chains;
         let muxer = &mut self.muxer;
+        let region = self.persist.as_ref().map(|p| &p.region);
+        let mut notify = false;
         let result: Result<(), vsockd_ring::RingError> = (|| {
             while muxer.has_rx_work() {
                 // A batch of usable buffers, contiguous in ring order, so
@@ -552,6 +546,10 @@ impl VsockDevice {
                 for _ in filled..k {
                     ring.unpop();
                 }
+                // Each group is published at once: host bytes read into
+                // guest buffers reach the guest (or the record) without
+                // waiting for the rest of the batch.
+                notify |= publish_used(ring, mem, muxer, region)?;
                 if filled < k {
                     return Ok(());
                 }
@@ -559,7 +557,33 @@ impl VsockDevice {
             Ok(())
         })();
         self.end_batch(RX_QUEUE, result);
+        if notify {
+            self.notify(RX_QUEUE);
+        }
     }
+}
+
+/// Publishes the used elements staged so far. With a state region (RX), the
+/// connections they changed are committed and the batch marked pending
+/// first, and marked confirmed after (see `adopt`). Returns whether the
+/// driver asked to be notified.
+fn publish_used(
+    ring: &mut SplitRing,
+    mem: &vsockd_ring::GuestMemory,
+    muxer: &mut Muxer<UnixHost>,
+    region: Option<&vsockd_persist::Region>,
+) -> Result<bool, vsockd_ring::RingError> {
+    let batch = region.and_then(|r| {
+        muxer
+            .commit_rx()
+            .inspect(|&b| r.rx_mark_pending(b, ring.next_used()))
+    });
+    let notify = ring.publish(mem)?;
+    if let (Some(b), Some(r)) = (batch, region) {
+        r.rx_mark_confirmed(b);
+        muxer.rx_published();
+    }
+    Ok(notify)
 }
 
 /// Hands one TX chain, walked over `mem`, to the muxer (`resubmitted`: a

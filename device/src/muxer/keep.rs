@@ -267,6 +267,16 @@ impl<H: Host> Muxer<H> {
                     record.buf_alloc
                 )),
             };
+            debug!(
+                "slot {slot}: adopting host:{} guest:{} fwd_cnt {} rx_cnt {} txbuf_start {} last_tx_counter {} rx_batch {}",
+                record.local_port,
+                record.peer_port,
+                record.fwd_cnt,
+                record.rx_cnt,
+                record.txbuf_start,
+                record.last_tx_counter,
+                record.rx_batch
+            );
             let conn = match built {
                 Ok(c) => c,
                 Err(e) => {
@@ -352,6 +362,12 @@ impl<H: Host> Muxer<H> {
             (conn.last_tx_counter >= chain.counter).then_some((slot, meta))
         });
         let Some((slot, meta)) = applied else {
+            debug!(
+                "resubmitted chain {} (counter {}) was not applied: {:?}",
+                chain.head,
+                chain.counter,
+                self.keep.as_ref().and_then(|k| k.store.tx_meta(chain.head))
+            );
             // SAFETY: the caller's contract.
             return unsafe { self.handle_tx_parking(chain, pkt) };
         };
@@ -384,7 +400,10 @@ impl<H: Host> Muxer<H> {
         let from = start.max(0);
         let to = (start + i64::from(meta.len)).min(owed_end);
         if to <= from {
-            debug!("{}: resubmitted chain {head} was fully forwarded", conn.key);
+            debug!(
+                "{}: resubmitted chain {head} ({meta:?}) was fully forwarded",
+                conn.key
+            );
             return false;
         }
         let (offset, len) = ((from - start) as usize, (to - from) as usize);

@@ -713,11 +713,14 @@ impl Inner {
     /// Linux copies into an skb before taking the virtqueue lock). None
     /// when there is no room, packets wait in the queue, or the device is
     /// stopped.
-    fn reserve_tx(&self, st: &mut State, pieces: usize) -> Option<TxReservation> {
+    /// `queued`: the packet is the head of the queue, just taken off it;
+    /// any other packet must wait behind what is queued.
+    fn reserve_tx(&self, st: &mut State, pieces: usize, queued: bool) -> Option<TxReservation> {
         let free = st.rings[TX]
             .free_descs()
             .saturating_sub(st.tx_reserved_descs);
-        if !st.running || !st.pending.is_empty() || st.tx_slots_free.is_empty() || free < pieces {
+        let behind_queue = !queued && !st.pending.is_empty();
+        if !st.running || behind_queue || st.tx_slots_free.is_empty() || free < pieces {
             return None;
         }
         let slot = st.tx_slots_free.pop()?;
@@ -797,10 +800,10 @@ impl Inner {
     }
 
     /// Puts one packet on the TX ring (not yet published). False when
-    /// there is no room.
-    fn place(&self, st: &mut State, hdr: &Header, payload: &[u8]) -> bool {
+    /// there is no room. `queued`: as `reserve_tx`.
+    fn place(&self, st: &mut State, hdr: &Header, payload: &[u8], queued: bool) -> bool {
         let pieces = self.pieces(HDR_LEN + payload.len()).len();
-        let Some(r) = self.reserve_tx(st, pieces) else {
+        let Some(r) = self.reserve_tx(st, pieces, queued) else {
             return false;
         };
         let descs = self.fill_slot(r.slot, hdr, payload);
@@ -813,7 +816,7 @@ impl Inner {
     /// kick now (application threads); the driver thread publishes once
     /// per batch.
     fn send(&self, st: &mut State, hdr: Header, payload: &[u8], publish: bool) {
-        if st.tx_reservations == 0 && self.place(st, &hdr, payload) {
+        if st.tx_reservations == 0 && self.place(st, &hdr, payload, false) {
             if publish {
                 self.kick(st, TX);
             }
@@ -838,7 +841,10 @@ impl Inner {
             let Some(p) = st.pending.pop_front() else {
                 break;
             };
-            if self.place(st, &p.hdr, &p.payload) {
+            // The head of the queue: packets behind it wait for it, not it
+            // for them (regression: two queued packets blocked each other
+            // forever).
+            if self.place(st, &p.hdr, &p.payload, true) {
                 st.pending_bytes -= p.payload.len();
             } else {
                 st.pending.push_front(p);
@@ -1465,7 +1471,7 @@ impl Inner {
             if credit > 0 && ring_open {
                 let n = credit.min(buf.len() - sent).min(self.opts.tx_max_payload);
                 let pieces = self.pieces(HDR_LEN + n).len();
-                if let Some(r) = self.reserve_tx(&mut st, pieces) {
+                if let Some(r) = self.reserve_tx(&mut st, pieces, false) {
                     let c = Self::conn(&mut st, id).expect("looked up above");
                     let hdr = self.conn_hdr(cid, c, OP_RW, 0, n as u32);
                     c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);

@@ -1,0 +1,281 @@
+//! Chaos-test support: a stream checker that tells lost bytes from
+//! duplicated ones and carries on, and the per-run report.
+//!
+//! A worker killed between a host socket call and the record that follows
+//! it may drop or repeat one chunk of a raw host stream (DESIGN.md, "Commit
+//! points"). [`StreamCheck`] verifies a pattern stream (see `pattern`) and,
+//! at a mismatch, finds where in the stream the bytes received really
+//! belong, within [`RESYNC_WINDOW_BYTES`] either way: ahead means bytes
+//! were lost, behind means bytes came twice. Anything it cannot place is
+//! corruption, which no kill may cause.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::pattern;
+
+/// How far from the expected offset a resynchronisation looks.
+pub const RESYNC_WINDOW_BYTES: u64 = 2 * 1024 * 1024;
+/// Bytes that must match to place received bytes in the stream.
+const RESYNC_PROBE_BYTES: usize = 64;
+
+/// One discontinuity found in a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gap {
+    /// Bytes `[at, at + n)` of the stream never arrived.
+    Lost { at: u64, n: u64 },
+    /// Bytes `[at - n, at)` arrived a second time.
+    Duplicated { at: u64, n: u64 },
+}
+
+/// A verifier of one pattern stream that survives gaps.
+#[derive(Debug, Clone)]
+pub struct StreamCheck {
+    seed: u64,
+    /// Stream offset the next byte should have.
+    next: u64,
+    /// Bytes received after a mismatch, not yet placed.
+    unplaced: Vec<u8>,
+    pub gaps: Vec<Gap>,
+    /// Received bytes that belong nowhere near where they arrived.
+    pub corrupt: bool,
+    pub received: u64,
+}
+
+impl StreamCheck {
+    pub fn new(seed: u64) -> Self {
+        StreamCheck {
+            seed,
+            next: 0,
+            unplaced: Vec::new(),
+            gaps: Vec::new(),
+            corrupt: false,
+            received: 0,
+        }
+    }
+
+    /// Stream offset of the next byte expected: once the stream ended,
+    /// how much of it arrived (gaps accounted for).
+    pub fn offset(&self) -> u64 {
+        self.next
+    }
+
+    /// Moves the expected offset to `offset` (the caller recorded why).
+    pub fn skip_to(&mut self, offset: u64) {
+        self.next = offset;
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.gaps
+            .iter()
+            .map(|g| match g {
+                Gap::Lost { n, .. } => *n,
+                Gap::Duplicated { .. } => 0,
+            })
+            .sum()
+    }
+
+    pub fn duplicated(&self) -> u64 {
+        self.gaps
+            .iter()
+            .map(|g| match g {
+                Gap::Duplicated { n, .. } => *n,
+                Gap::Lost { .. } => 0,
+            })
+            .sum()
+    }
+
+    /// Records that the stream began with a repeated `n`-byte chunk that
+    /// the caller removed (a handshake line sent twice).
+    pub fn note_repeated_prefix(&mut self, n: u64) {
+        self.gaps.push(Gap::Duplicated { at: 0, n });
+    }
+
+    /// Checks the next received bytes.
+    pub fn feed(&mut self, mut buf: &[u8]) {
+        self.received += buf.len() as u64;
+        if self.corrupt {
+            return;
+        }
+        while !buf.is_empty() {
+            if !self.unplaced.is_empty() {
+                let take = (RESYNC_PROBE_BYTES - self.unplaced.len()).min(buf.len());
+                self.unplaced.extend_from_slice(&buf[..take]);
+                buf = &buf[take..];
+                if self.unplaced.len() < RESYNC_PROBE_BYTES {
+                    return;
+                }
+                let probe = std::mem::take(&mut self.unplaced);
+                if !self.place(&probe) {
+                    self.corrupt = true;
+                    return;
+                }
+                continue;
+            }
+            match pattern::check(self.seed, self.next, buf) {
+                None => {
+                    self.next += buf.len() as u64;
+                    return;
+                }
+                Some(bad) => {
+                    self.next += bad as u64;
+                    self.unplaced.extend_from_slice(&buf[bad..]);
+                    let rest = &buf[bad..];
+                    buf = &[];
+                    if rest.len() >= RESYNC_PROBE_BYTES {
+                        self.unplaced.clear();
+                        if !self.place(rest) {
+                            self.corrupt = true;
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Finds where `bytes` (starting with a mismatch at `self.next`)
+    /// belong, records the gap and checks the rest from there.
+    fn place(&mut self, bytes: &[u8]) -> bool {
+        let probe = &bytes[..RESYNC_PROBE_BYTES];
+        let lo = self.next.saturating_sub(RESYNC_WINDOW_BYTES);
+        let hi = self.next + RESYNC_WINDOW_BYTES;
+        let mut window = vec![0u8; (hi - lo) as usize + RESYNC_PROBE_BYTES];
+        pattern::fill(self.seed, lo, &mut window);
+        let Some(pos) = window.windows(RESYNC_PROBE_BYTES).position(|w| w == probe) else {
+            return false;
+        };
+        let at = lo + pos as u64;
+        self.gaps.push(if at > self.next {
+            Gap::Lost {
+                at: self.next,
+                n: at - self.next,
+            }
+        } else {
+            Gap::Duplicated {
+                at: self.next,
+                n: self.next - at,
+            }
+        });
+        self.next = at;
+        self.received -= bytes.len() as u64;
+        self.feed(bytes);
+        true
+    }
+}
+
+/// Percentiles of durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// What a chaos run saw.
+#[derive(Debug, Default, Clone)]
+pub struct ChaosReport {
+    pub kills: u32,
+    pub bytes_lost: u64,
+    pub bytes_duplicated: u64,
+    /// Discontinuities in raw host streams (each one chunk at most).
+    pub gaps: u32,
+    pub resets: u32,
+    /// Short connections opened, used and closed during the run.
+    pub connections_churned: u32,
+    /// Handshakes a kill made the test repeat (a guest connect that reached
+    /// the host service twice, a host CONNECT line lost).
+    pub handshakes_redone: u32,
+    pub bytes_verified: u64,
+    /// Kill to first packet served, per kill.
+    pub recovery: Vec<Duration>,
+}
+
+impl fmt::Display for ChaosReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut r = self.recovery.clone();
+        r.sort();
+        write!(
+            f,
+            "kills {} | bytes lost {} | bytes duplicated {} | gaps {} | resets seen by the guest {} | \
+             connections churned {} (handshakes redone {}) | bytes verified {} | recovery p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} measured)",
+            self.kills,
+            self.bytes_lost,
+            self.bytes_duplicated,
+            self.gaps,
+            self.resets,
+            self.connections_churned,
+            self.handshakes_redone,
+            self.bytes_verified,
+            ms(percentile(&r, 0.5)),
+            ms(percentile(&r, 0.99)),
+            ms(r.last().copied().unwrap_or_default()),
+            r.len()
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(seed: u64, from: u64, to: u64) -> Vec<u8> {
+        let mut v = vec![0u8; (to - from) as usize];
+        pattern::fill(seed, from, &mut v);
+        v
+    }
+
+    #[test]
+    fn intact_stream_in_odd_pieces() {
+        let s = stream(5, 0, 100_000);
+        let mut c = StreamCheck::new(5);
+        for piece in s.chunks(777) {
+            c.feed(piece);
+        }
+        assert_eq!(c.offset(), 100_000);
+        assert!(c.gaps.is_empty() && !c.corrupt);
+    }
+
+    #[test]
+    fn lost_and_duplicated_chunks_are_measured() {
+        let mut s = stream(9, 0, 50_000);
+        s.extend(stream(9, 70_000, 120_000)); // 20 000 lost
+        s.extend(stream(9, 100_000, 150_000)); // 20 000 again
+        let mut c = StreamCheck::new(9);
+        for piece in s.chunks(30) {
+            c.feed(piece);
+        }
+        assert_eq!(
+            c.gaps,
+            vec![
+                Gap::Lost {
+                    at: 50_000,
+                    n: 20_000
+                },
+                Gap::Duplicated {
+                    at: 120_000,
+                    n: 20_000
+                }
+            ]
+        );
+        assert_eq!(
+            (c.lost(), c.duplicated(), c.offset()),
+            (20_000, 20_000, 150_000)
+        );
+        assert!(!c.corrupt);
+    }
+
+    #[test]
+    fn foreign_bytes_are_corruption() {
+        let mut s = stream(1, 0, 1000);
+        s.extend(stream(2, 0, 1000));
+        let mut c = StreamCheck::new(1);
+        c.feed(&s);
+        assert!(c.corrupt);
+    }
+}
