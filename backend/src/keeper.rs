@@ -23,6 +23,11 @@
 //! message applied once and answered once, whatever instant the worker
 //! died at.
 //!
+//! The end of a session (the frontend left) is owed to the workers until
+//! one confirms it has recorded it: a worker that died before doing so
+//! leaves the ended session in the region, and its successor, which
+//! adopts it, is told to drop it before it serves the next frontend.
+//!
 //! Back-off: a worker that dies before READY, or while handling a message
 //! that already went to two workers, is probably killed by what it is
 //! given. Restarts then wait 10 ms, doubling up to 2 s; any other death
@@ -36,7 +41,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vsockd_persist::channel::FLAG_CLOSE;
 use vsockd_persist::fdstore::well_known;
@@ -120,6 +125,10 @@ pub struct Keeper {
     quick_deaths: u32,
     next_seq: u64,
     unacked: Option<Pending>,
+    /// A session ended and no worker has confirmed it dropped it: the
+    /// next ready worker is told first (it may have adopted the old
+    /// session from the region).
+    session_end_owed: bool,
     signals: ExitSignals,
 }
 
@@ -148,6 +157,7 @@ impl Keeper {
             restart_at: Some(Instant::now()),
             started: 0,
             quick_deaths: 0,
+            session_end_owed: false,
             next_seq: 1,
             unacked: None,
             signals: ExitSignals::new().map_err(BackendError::Epoll)?,
@@ -290,6 +300,13 @@ impl Keeper {
         info!("{why}: session ended; waiting for the next frontend");
         self.unacked = None;
         self.store.clear_session();
+        self.session_end_owed = true;
+        self.send_session_end();
+    }
+
+    /// Tells a ready worker the session ended; it confirms with a
+    /// SessionEnd frame once it has recorded that.
+    fn send_session_end(&self) {
         if let Some(w) = self.worker.as_ref().filter(|w| w.ready) {
             if let Err(e) = w.link.send(Kind::SessionEnd, 0, 0, &[], &[]) {
                 warn!("cannot tell the worker the session ended: {e}");
@@ -327,6 +344,15 @@ impl Keeper {
             return;
         }
         p.forwards += 1;
+        let request = p
+            .bytes
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes);
+        debug!(
+            "forwarding control message {} (request {request}) to worker {}, time {}",
+            p.seq, self.started, p.forwards
+        );
         let fds: Vec<RawFd> = p.fds.iter().map(AsRawFd::as_raw_fd).collect();
         if let Err(e) = w.link.send(Kind::Forward, 0, p.seq, &p.bytes, &fds) {
             // The worker is dying; the link will say so.
@@ -362,19 +388,21 @@ impl Keeper {
                 if let Some(w) = &mut self.worker {
                     w.ready = true;
                 }
-                if frame.flags & FLAG_CLOSE != 0 {
+                if self.session_end_owed || self.frontend.is_none() {
+                    // The session it adopted is one that ended (while no
+                    // worker was ready, or before the last one recorded
+                    // the end): whether or not it could adopt it, it
+                    // drops it before serving the frontend now connected.
+                    self.session_end_owed = true;
+                    self.send_session_end();
+                } else if frame.flags & FLAG_CLOSE != 0 {
                     self.end_session("the worker could not adopt the session");
-                }
-                if self.frontend.is_none() {
-                    // The frontend may have left while no worker was ready.
-                    if let Some(w) = &self.worker {
-                        let _ = w.link.send(Kind::SessionEnd, 0, 0, &[], &[]);
-                    }
                 }
                 self.forward_unacked();
             }
             Kind::Reply => {
                 if self.unacked.as_ref().map(|p| p.seq) != Some(frame.id) {
+                    debug!("reply to control message {} is stale, dropped", frame.id);
                     return;
                 }
                 self.unacked = None;
@@ -392,6 +420,7 @@ impl Keeper {
                     self.end_session("the worker refused a request");
                 }
             }
+            Kind::SessionEnd => self.session_end_owed = false,
             other => warn!("unexpected {other:?} frame from the worker, ignored"),
         }
     }

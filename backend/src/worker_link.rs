@@ -82,13 +82,17 @@ impl KeeperLink {
 
     /// Replays the negotiated features into a fresh handler.
     pub fn prime(&mut self, features: u64, protocol_features: u64) {
-        if features == 0 {
-            return;
+        // GET_FEATURES always: the handler answers REPLY_ACK requests only
+        // once it has offered PROTOCOL_FEATURES, whatever was acked since
+        // (regression: a restart between GET_PROTOCOL_FEATURES and
+        // SET_PROTOCOL_FEATURES left SET_OWNER unanswered). Frontends
+        // negotiate protocol features before virtio features (QEMU sets
+        // them right after GET_FEATURES, and SET_FEATURES only when the
+        // driver starts), so either may be set alone.
+        let mut msgs = vec![message(GET_FEATURES, &[])];
+        if features != 0 {
+            msgs.push(message(SET_FEATURES, &features.to_le_bytes()));
         }
-        let mut msgs = vec![
-            message(GET_FEATURES, &[]),
-            message(SET_FEATURES, &features.to_le_bytes()),
-        ];
         if protocol_features != 0 {
             msgs.push(message(
                 SET_PROTOCOL_FEATURES,
@@ -190,8 +194,13 @@ impl KeeperLink {
             Ok((local, handler)) => {
                 self.local = local;
                 self.handler = handler;
+                self.prime(0, 0);
             }
             Err(e) => warn!("cannot renew the request handler: {e}"),
+        }
+        // Recorded: the keeper need not tell the next worker.
+        if let Err(e) = self.send(Kind::SessionEnd, 0, 0) {
+            warn!("cannot confirm the end of the session to the keeper: {e}");
         }
     }
 

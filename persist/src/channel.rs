@@ -40,6 +40,8 @@ pub enum Kind {
     /// Worker to keeper: adopted, serving. `id` is its generation.
     Ready = 6,
     /// Keeper to worker: the frontend disconnected; end the session.
+    /// Worker to keeper: the end is recorded (until then the keeper tells
+    /// every new worker again, since it may adopt the ended session).
     SessionEnd = 7,
 }
 

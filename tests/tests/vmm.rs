@@ -2020,3 +2020,47 @@ fn chaos_worker_killed_500_times_during_verified_streams() {
     }
     rig.assert_clean();
 }
+
+/// Kills that land while a VMM performs the vhost-user handshake (a new
+/// frontend's whole start sequence) and while the guest driver resets
+/// the device: each handshake completes, and the device then serves new
+/// connections both ways.
+#[test]
+fn chaos_worker_killed_during_handshakes_and_driver_resets() {
+    const ROUNDS: u32 = 40;
+    let level = std::env::var("VSOCKD_CHAOS_LOG").unwrap_or_else(|_| "info".into());
+    let mut rig = Rig::with_log_level("chaos-handshake", opts(), Some(&level));
+    if rig.skip_on_peer("the peer has no keeper: its death ends the device") {
+        return;
+    }
+    let mut rng = Rng::from_clock();
+    eprintln!("chaos-handshake: random seed {}", rng.0);
+    let vm = rig.vm();
+    let mut kills = 0;
+    for i in 0..ROUNDS {
+        let delay = Duration::from_micros(rng.below(4000));
+        let reset = i % 4 == 3;
+        thread::scope(|sc| {
+            let step = sc.spawn(|| {
+                if reset {
+                    vm.reset_driver()
+                } else {
+                    vm.reconnect()
+                }
+            });
+            thread::sleep(delay);
+            rig.ok(rig.backend.kill_worker(T), &format!("kill #{i}"));
+            kills += 1;
+            let what = if reset { "driver reset" } else { "handshake" };
+            rig.ok(
+                step.join().expect("handshake thread"),
+                &format!("{what} around kill #{i} ({delay:?} in)"),
+            );
+        });
+        let (g, h) = rig.pair(9600 + i, i % 2 == 0);
+        rig.check_pair(&g, &h, 300 + u64::from(i), &format!("after kill #{i}"));
+        drop((g, h));
+    }
+    eprintln!("chaos-handshake: {kills} kills, each inside a handshake or a driver reset");
+    rig.assert_clean();
+}
