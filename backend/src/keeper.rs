@@ -350,7 +350,7 @@ impl Keeper {
             .and_then(|b| b.try_into().ok())
             .map_or(0, u32::from_le_bytes);
         debug!(
-            "forwarding control message {} (request {request}) to worker {}, time {}",
+            "forwarding control message {} (request {request}) to worker {}, attempt {}",
             p.seq, self.started, p.forwards
         );
         let fds: Vec<RawFd> = p.fds.iter().map(AsRawFd::as_raw_fd).collect();
