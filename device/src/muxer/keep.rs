@@ -133,6 +133,13 @@ impl Keep {
         }
     }
 
+    /// Frees slot `slot`, whose connection `record` could not be adopted,
+    /// and releases its stream.
+    fn abandon(&mut self, slot: usize, record: &ConnRecord) {
+        self.store.commit(slot, &free_record(record.rx_batch));
+        self.store.release_streams(&[record.uid]);
+    }
+
     /// Frees every slot in `conns` at once (device reset).
     pub fn free_all<S: HostStream>(&mut self, conns: &[Option<Connection<S>>]) {
         let mut uids = Vec::new();
@@ -284,16 +291,14 @@ impl<H: Host> Muxer<H> {
                         "connection slot {slot} (host:{} guest:{}) cannot be adopted: {e}; closing it",
                         record.local_port, record.peer_port
                     );
-                    k.store.commit(slot, &free_record(record.rx_batch));
-                    k.store.release_streams(&[record.uid]);
+                    k.abandon(slot, &record);
                     continue;
                 }
             };
             if let Err(e) = self.insert_adopted(slot, conn) {
                 warn!("connection slot {slot}: cannot poll its host stream: {e}; closing it");
                 if let Some(k) = &mut self.keep {
-                    k.store.commit(slot, &free_record(record.rx_batch));
-                    k.store.release_streams(&[record.uid]);
+                    k.abandon(slot, &record);
                 }
                 continue;
             }
