@@ -10,9 +10,14 @@
 //! corruption, which no kill may cause.
 
 use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
 use std::time::Duration;
 
-use crate::pattern;
+use crate::pattern::{self, reply_seed};
 
 /// How far from the expected offset a resynchronisation looks.
 pub const RESYNC_WINDOW_BYTES: u64 = 2 * 1024 * 1024;
@@ -164,6 +169,151 @@ impl StreamCheck {
     }
 }
 
+/// When the host side of a chaos connection stops sending.
+#[derive(Debug, Clone, Copy)]
+pub enum SendUntil<'a> {
+    /// After this many bytes.
+    Bytes(u64),
+    /// Once the flag is set.
+    Flag(&'a AtomicBool),
+}
+
+/// The host side of one guest `chaos` connection (`stream::Mode::Chaos`).
+#[derive(Debug)]
+pub struct HostChaos {
+    /// The stream the guest sends; the host sent `reply_seed(seed)`.
+    pub seed: u64,
+    /// Bytes the host sent.
+    pub sent: u64,
+    /// The guest's stream as received.
+    pub check: StreamCheck,
+}
+
+/// Bytes read ahead to tell which stream a guest sends.
+const IDENTIFY_BYTES: usize = 8;
+/// Bytes per host write.
+const HOST_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Runs the host side of a guest `chaos` connection on `s`: tells from
+/// its first bytes which of the streams `base..base + count` the guest
+/// sends, sends `reply_seed` of it until `until`, half-closes, and reads
+/// the guest's stream to EOF through a [`StreamCheck`].
+///
+/// `ok_line` is the hybrid `OK` line this host connection already read:
+/// a kill between writing it and recording that may send it twice, so a
+/// stream that begins with it again has it removed and counted as a
+/// repeated chunk. `Ok(None)`: the connection ended before any byte, as
+/// the first of a guest connect a kill made reach the host twice does.
+pub fn host_chaos(
+    s: &UnixStream,
+    base: u64,
+    count: u64,
+    ok_line: Option<&str>,
+    until: SendUntil<'_>,
+) -> io::Result<Option<HostChaos>> {
+    let prefix = ok_line.map_or(&[][..], str::as_bytes);
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; HOST_CHUNK_BYTES];
+    let mut r = s;
+    while head.len() < prefix.len() + IDENTIFY_BYTES {
+        match r.read(&mut buf)? {
+            0 if head.is_empty() => return Ok(None),
+            0 => break,
+            n => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let mut data = &head[..];
+    let mut repeated_line = 0;
+    if !prefix.is_empty() {
+        if let Some(rest) = data.strip_prefix(prefix) {
+            repeated_line = prefix.len() as u64;
+            data = rest;
+        }
+    }
+    let first: [u8; IDENTIFY_BYTES] = data
+        .get(..IDENTIFY_BYTES)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the guest's stream ended after {} bytes", data.len()),
+            )
+        })?;
+    let seed = pattern::identify(&first, base, count).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("first bytes {first:02x?} start none of streams {base:#x}+0..{count}"),
+        )
+    })?;
+    let mut check = StreamCheck::new(seed);
+    if repeated_line > 0 {
+        check.note_repeated_prefix(repeated_line);
+    }
+    check.feed(data);
+    thread::scope(|sc| {
+        let writer = sc.spawn(|| send_reply(s, reply_seed(seed), until));
+        let read = loop {
+            match r.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => check.feed(&buf[..n]),
+                Err(e) => break Err(e),
+            }
+        };
+        if read.is_err() {
+            // Unblock the writer.
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let sent = writer
+            .join()
+            .map_err(|_| io::Error::other("host writer panicked"))??;
+        read?;
+        Ok(Some(HostChaos { seed, sent, check }))
+    })
+}
+
+/// Writes stream `seed` until `until`, then half-closes.
+fn send_reply(mut w: &UnixStream, seed: u64, until: SendUntil<'_>) -> io::Result<u64> {
+    let mut buf = vec![0u8; HOST_CHUNK_BYTES];
+    let mut sent = 0u64;
+    loop {
+        let n = match until {
+            SendUntil::Bytes(total) => (total - sent).min(buf.len() as u64) as usize,
+            SendUntil::Flag(stop) if stop.load(Ordering::Relaxed) => 0,
+            SendUntil::Flag(_) => buf.len(),
+        };
+        if n == 0 {
+            break;
+        }
+        pattern::fill(seed, sent, &mut buf[..n]);
+        w.write_all(&buf[..n])?;
+        sent += n as u64;
+    }
+    w.shutdown(Shutdown::Write)?;
+    Ok(sent)
+}
+
+/// A small xorshift generator for kill instants; seeded from the clock
+/// and printed, so a failing run can be studied.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn from_clock() -> Rng {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Rng(t | 1)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
 /// Percentiles of durations.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -268,6 +418,49 @@ mod tests {
             (20_000, 20_000, 150_000)
         );
         assert!(!c.corrupt);
+    }
+
+    #[test]
+    fn guest_chaos_mode_against_the_host_side() {
+        use crate::sock::Sock;
+        use crate::stream::{run_mode, Mode};
+        let (g, h) = UnixStream::pair().unwrap();
+        let guest = thread::spawn(move || run_mode(&Sock::from(g), &Mode::Chaos { seed: 41 }));
+        let host = host_chaos(&h, 40, 4, None, SendUntil::Bytes(300_000))
+            .unwrap()
+            .unwrap();
+        let g = guest.join().unwrap();
+        assert!(g.ok, "{g:?}");
+        let gaps = g.gaps.unwrap();
+        assert_eq!((gaps.seed, gaps.offset, gaps.gaps), (41, 300_000, 0));
+        assert_eq!((host.seed, host.sent), (41, 300_000));
+        assert_eq!(host.check.offset(), g.sent);
+        assert!(host.check.gaps.is_empty() && !host.check.corrupt);
+    }
+
+    #[test]
+    fn host_side_removes_a_repeated_ok_line() {
+        let (g, h) = UnixStream::pair().unwrap();
+        let mut bytes = b"OK 1025\n".to_vec();
+        bytes.extend(stream(7, 0, 5000));
+        (&g).write_all(&bytes).unwrap();
+        g.shutdown(Shutdown::Write).unwrap();
+        let host = host_chaos(&h, 7, 1, Some("OK 1025\n"), SendUntil::Bytes(10))
+            .unwrap()
+            .unwrap();
+        assert_eq!((host.check.duplicated(), host.check.offset()), (8, 5000));
+        let mut reply = Vec::new();
+        (&g).read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, stream(reply_seed(7), 0, 10));
+    }
+
+    #[test]
+    fn host_side_of_an_unused_connection() {
+        let (g, h) = UnixStream::pair().unwrap();
+        drop(g);
+        assert!(host_chaos(&h, 7, 1, None, SendUntil::Bytes(10))
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -4,8 +4,11 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 
+use crate::chaos::StreamCheck;
 use crate::errno::io_error_name;
 use crate::pattern::{reply_seed, Generator, Verifier};
 use crate::sock::Sock;
@@ -35,6 +38,12 @@ pub enum Mode {
     ExpectError,
     /// Send TEXT as one line and read one line from the peer.
     Message { text: String },
+    /// Send stream SEED until the peer half-closes, while receiving stream
+    /// `reply_seed(SEED)` through a gap-tolerant checker; then shut down
+    /// writing. For chaos tests, where a killed backend worker may drop or
+    /// repeat one chunk of a raw host stream: the result reports the gaps
+    /// and how far into the stream the bytes received reach (`offset=`).
+    Chaos { seed: u64 },
 }
 
 impl Mode {
@@ -60,6 +69,13 @@ impl Mode {
             "bidiv" => two(|bytes, seed| Mode::BidiV { bytes, seed })?,
             "halfclose-writer" => two(|bytes, seed| Mode::HalfcloseWriter { bytes, seed })?,
             "halfclose-reader" => two(|bytes, seed| Mode::HalfcloseReader { bytes, seed })?,
+            "chaos" => {
+                let m = Mode::Chaos { seed: num(1)? };
+                if words.len() > 2 {
+                    return Err(format!("{name}: too many arguments"));
+                }
+                m
+            }
             "echo" => Mode::Echo,
             "expect-error" => Mode::ExpectError,
             "message" => Mode::Message {
@@ -95,6 +111,7 @@ impl Mode {
                 bytes,
                 seed: s(seed),
             },
+            Mode::Chaos { seed } => Mode::Chaos { seed: s(seed) },
             ref m => m.clone(),
         }
     }
@@ -143,13 +160,52 @@ pub struct Outcome {
     /// How the peer ended the connection after this side finished
     /// sending (`sendv`): "eof" or "reset".
     pub end: Option<&'static str>,
+    /// What a gap-tolerant receive saw (`chaos`).
+    pub gaps: Option<GapReport>,
+}
+
+/// The discontinuities a `chaos` receiver found in its stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GapReport {
+    /// The stream this side sent; it received `reply_seed(seed)`.
+    pub seed: u64,
+    /// Stream offset the bytes received reach, gaps accounted for.
+    pub offset: u64,
+    pub gaps: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub corrupt: bool,
+}
+
+impl GapReport {
+    pub fn of(c: &StreamCheck, seed: u64) -> GapReport {
+        GapReport {
+            seed,
+            offset: c.offset(),
+            gaps: c.gaps.len() as u64,
+            lost: c.lost(),
+            duplicated: c.duplicated(),
+            corrupt: c.corrupt,
+        }
+    }
 }
 
 impl Outcome {
     /// The `RESULT ...` line for connection `conn`.
     pub fn result_line(&self, conn: u64) -> String {
+        let gaps = self.gaps.map_or(String::new(), |g| {
+            format!(
+                " seed={} offset={} gaps={} lost={} dup={} corrupt={}",
+                g.seed,
+                g.offset,
+                g.gaps,
+                g.lost,
+                g.duplicated,
+                if g.corrupt { "yes" } else { "no" }
+            )
+        });
         format!(
-            "RESULT conn={conn} sent={} received={} ok={} first_bad={} errno={} op={} end={}",
+            "RESULT conn={conn} sent={} received={} ok={} first_bad={} errno={} op={} end={}{gaps}",
             self.sent,
             self.received,
             if self.ok { "yes" } else { "no" },
@@ -196,6 +252,35 @@ pub fn send_pattern(mut w: &Sock, seed: u64, bytes: u64) -> (u64, Option<io::Err
         }
     }
     (gen.offset(), None)
+}
+
+/// Writes stream `seed` until `stop` is set. Returns how many bytes were
+/// written and the error that stopped it early, if any.
+pub fn send_pattern_until(mut w: &Sock, seed: u64, stop: &AtomicBool) -> (u64, Option<io::Error>) {
+    let mut gen = Generator::new(seed);
+    let mut buf = vec![0u8; CHUNK];
+    while !stop.load(Ordering::Relaxed) {
+        let start = gen.offset();
+        gen.next_into(&mut buf);
+        if let Err(e) = w.write_all(&buf) {
+            // write_all does not say how much of the chunk went out.
+            return (start, Some(e));
+        }
+    }
+    (gen.offset(), None)
+}
+
+/// Reads until EOF through a gap-tolerant checker. Returns the error that
+/// stopped it before EOF, if any.
+pub fn recv_check(mut r: &Sock, c: &mut StreamCheck) -> Option<io::Error> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return None,
+            Ok(n) => c.feed(&buf[..n]),
+            Err(e) => return Some(e),
+        }
+    }
 }
 
 /// Reads until EOF (or until `limit` bytes when given), feeding the
@@ -390,6 +475,48 @@ pub fn run_mode(sock: &Sock, mode: &Mode) -> Outcome {
             }
             o.ok = o.sent == bytes;
         }
+        Mode::Chaos { seed } => {
+            let writer = match sock.try_clone() {
+                Ok(w) => w,
+                Err(e) => {
+                    o.error = Some(OpError::new("dup", &e));
+                    return o;
+                }
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop_writer = stop.clone();
+            let t = thread::spawn(move || {
+                let (sent, err) = send_pattern_until(&writer, seed, &stop_writer);
+                if let Some(e) = err {
+                    return (sent, Some(OpError::new("write", &e)));
+                }
+                match writer.shutdown(Shutdown::Write) {
+                    Ok(()) => (sent, None),
+                    Err(e) => (sent, Some(OpError::new("shutdown", &e))),
+                }
+            });
+            let mut c = StreamCheck::new(reply_seed(seed));
+            let err = recv_check(sock, &mut c);
+            stop.store(true, Ordering::Relaxed);
+            o.received = c.received;
+            o.gaps = Some(GapReport::of(&c, seed));
+            if let Some(e) = err {
+                o.error = Some(OpError::new("read", &e));
+                let _ = sock.shutdown(Shutdown::Both);
+            }
+            let (sent, werr) = t.join().unwrap_or((
+                0,
+                Some(OpError {
+                    op: "write".into(),
+                    errno: "PANIC".into(),
+                }),
+            ));
+            o.sent = sent;
+            if o.error.is_none() {
+                o.error = werr;
+            }
+            o.ok = o.error.is_none() && !c.corrupt;
+        }
         Mode::ExpectError => {
             // Connected although an error was expected.
             o.ok = false;
@@ -549,6 +676,14 @@ mod tests {
             ok: false,
             message: None,
             end: None,
+            gaps: Some(GapReport {
+                seed: 77,
+                offset: 5000,
+                gaps: 2,
+                lost: 300,
+                duplicated: 40,
+                corrupt: false,
+            }),
         };
         let text = format!("junk\n{}\n{}\n", o.result_line(2), o.error_line(2).unwrap());
         let r = parse_results(&text);
@@ -556,6 +691,9 @@ mod tests {
         assert_eq!(r[0].num("conn"), Some(2));
         assert_eq!(r[0].num("first_bad"), Some(4));
         assert_eq!(r[0].get("errno"), Some("ECONNRESET"));
+        let gaps = ["seed", "offset", "gaps", "lost", "dup"].map(|k| r[0].num(k));
+        assert_eq!(gaps, [77, 5000, 2, 300, 40].map(Some));
+        assert_eq!(r[0].get("corrupt"), Some("no"));
         assert!(!r[0].ok());
         assert_eq!(r[1].kind, "ERROR");
     }

@@ -10,7 +10,7 @@
 //! `VSOCKD_E2E_KEEP=1` keeps each test's directory (backend log, console
 //! log); `VSOCKD_E2E_TRACE=1` also records every vhost-user message there.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -19,15 +19,16 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vsockd_tests::chaos::Gap;
 use vsockd_tests::hybrid::{
-    hybrid_connect, read_ok_line, read_verified, read_verified_at, run_on_stream, write_verified,
-    write_verified_at, HostListener,
+    hybrid_connect, hybrid_connect_timeout, read_ok_line, read_verified, read_verified_at,
+    run_on_stream, write_verified, write_verified_at, HostListener,
 };
 use vsockd_tests::pattern::{self, reply_seed};
 use vsockd_tests::qemu::{temp_dir, CmdOutput, GuestJob};
 use vsockd_tests::stream::{parse_results, Mode};
 use vsockd_tests::trace::Proxy;
-use vsockd_tests::{Backend, Error, GuestImage, Vm, VmConfig};
+use vsockd_tests::{Backend, BackendKind, Error, GuestImage, Vm, VmConfig};
 
 const CID: u32 = 3;
 const MIB: u64 = 1 << 20;
@@ -50,9 +51,24 @@ struct Rig {
 
 impl Rig {
     fn new(name: &str) -> Rig {
+        Rig::with_log_level(name, None)
+    }
+
+    /// A rig whose backend logs at `level` (default: debug, or
+    /// `VSOCKD_E2E_LOG_LEVEL`).
+    fn with_log_level(name: &str, level: Option<&str>) -> Rig {
         let image = GuestImage::get().unwrap_or_else(|e| panic!("guest image: {e}"));
         let dir = temp_dir(name).unwrap_or_else(|e| panic!("{e}"));
-        let backend = Backend::start(&dir, CID).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let kind = BackendKind::from_env().unwrap_or_else(|e| panic!("{name}: {e}"));
+        let backend = Backend::start_logging(
+            kind,
+            &dir.join("vhost.sock"),
+            &dir.join("vsock.sock"),
+            &dir.join(format!("{}.log", kind.name())),
+            CID,
+            level,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut rig = Rig {
             name: name.to_string(),
             dir,
@@ -168,6 +184,16 @@ impl Rig {
         s.set_read_timeout(Some(T)).unwrap();
         s.set_write_timeout(Some(T)).unwrap();
         s
+    }
+
+    /// Fails the test if QEMU logged anything about vhost (a backend that
+    /// went away, a failed message).
+    fn no_vhost_errors_in_qemu_log(&self) {
+        let log = self.vm().dir().join("qemu.log");
+        let text = self.ok(std::fs::read_to_string(&log), "reading qemu.log");
+        if let Some(line) = text.lines().find(|l| l.to_lowercase().contains("vhost")) {
+            self.fail(format!("QEMU logged a vhost error: {line}"));
+        }
     }
 
     /// The guest's vsock virtio device, e.g. `virtio1`.
@@ -671,11 +697,364 @@ fn worker_killed_the_device_carries_on() {
     );
     rig.ok(rig.vm().cont(), "QEMU cont");
     fresh_connections_work(&rig, 6961, 171, "after a kill during a pause");
-    let qemu_log = std::fs::read_to_string(rig.vm().dir().join("qemu.log")).unwrap_or_default();
-    if let Some(line) = qemu_log
-        .lines()
-        .find(|l| l.to_lowercase().contains("vhost"))
-    {
-        rig.fail(format!("QEMU logged a vhost error: {line}"));
+    rig.no_vhost_errors_in_qemu_log();
+}
+
+// 11. Chaos with a real guest: the worker is SIGKILLed at random instants
+// (30 times, or `VSOCKD_QEMU_CHAOS_KILLS`), one kill in ten inside a VM
+// stop and resume, while 8 long connections (4 opened by the guest, 4 by
+// the host) move verified streams both ways, and a new connection each
+// way opens, exchanges and closes around every kill. Passes when QEMU
+// logs no vhost error, the guest sees no reset, every stream arrives
+// complete and in order apart from the chunk a kill may drop or repeat on
+// a raw host stream (DESIGN.md, "Commit points"; counted here, and at most
+// one chunk per kill), and the new connections around every kill work.
+#[test]
+fn chaos_worker_killed_30_times_with_a_real_guest() {
+    use std::sync::atomic::AtomicBool;
+    use vsockd_tests::chaos::{host_chaos, percentile, ChaosReport, HostChaos, Rng, SendUntil};
+    use vsockd_tests::stream::ResultLine;
+
+    /// Long connections opened from each side.
+    const LONG: u64 = 4;
+    /// Bytes the host sends on each short connection.
+    const CHURN_BYTES: u64 = 64 * 1024;
+    /// Every this many kills, one lands inside a VM stop and resume.
+    const PAUSE_EVERY: u32 = 10;
+    /// Longest random wait between starting a round's short connections
+    /// and its kill.
+    const KILL_DELAY_MAX_MS: u64 = 250;
+    /// How long a host CONNECT waits for its OK line before it counts the
+    /// handshake as cut by a kill and connects again.
+    const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+    /// Largest chunk a kill may drop or repeat: one RX read of 16 buffers
+    /// of 4 KiB toward the guest; one write of what the guest may send
+    /// within its credit (vsockd's default buf_alloc) toward the host.
+    const CHUNK_TO_GUEST_BYTES: u64 = 64 * 1024;
+    const CHUNK_TO_HOST_BYTES: u64 = MIB;
+    /// The guest probes run for the whole test.
+    const CHAOS_PROBE_TIMEOUT_SECS: u64 = 900;
+    // Ports and the first seed of each group of streams the guest sends.
+    const LONG_G_PORT: u32 = 7101;
+    const LONG_G_SEED: u64 = 0x7000;
+    const LONG_H_PORT: u32 = 7102;
+    const LONG_H_SEED: u64 = 0x7100;
+    const CHURN_G_PORT: u32 = 7103;
+    const CHURN_G_SEED: u64 = 0x7200;
+    const CHURN_H_PORT: u32 = 7104;
+    const CHURN_H_SEED: u64 = 0x7400;
+    const PING_PORT: u32 = 7105;
+
+    let kills: u32 = std::env::var("VSOCKD_QEMU_CHAOS_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    assert!(
+        kills < 0x100,
+        "seed ranges hold fewer than 256 short connections"
+    );
+    let level = std::env::var("VSOCKD_CHAOS_LOG").unwrap_or_else(|_| "info".into());
+    let rig = Rig::with_log_level("qemu-chaos", Some(&level));
+    if rig.backend.kind() != BackendKind::Vsockd {
+        eprintln!("{}: SKIPPED: only vsockd has a keeper", rig.name);
+        return;
     }
+    let mut rng = Rng::from_clock();
+    eprintln!("{}: random seed {}", rig.name, rng.0);
+    let guest = |args: String| -> GuestJob {
+        let cmd = format!("vsock-probe --timeout {CHAOS_PROBE_TIMEOUT_SECS} {args}");
+        rig.ok(rig.vm().spawn(&cmd), &format!("starting {cmd:?}"))
+    };
+    let listening = |job: GuestJob| -> GuestJob {
+        rig.ok(job.wait_for_output("LISTENING", T), "guest listener");
+        job
+    };
+    let ping_job = listening(guest(format!("listen {PING_PORT} echo")));
+    let long_h_job = listening(guest(format!(
+        "listen {LONG_H_PORT} --count {LONG} --seed-step 1 chaos {LONG_H_SEED}"
+    )));
+    let churn_h_job = listening(guest(format!(
+        "listen {CHURN_H_PORT} --count {kills} --seed-step 1 chaos {CHURN_H_SEED}"
+    )));
+    let long_g_listener = rig.ok(HostListener::bind(rig.uds(), LONG_G_PORT), "bind");
+    let churn_g_listener = rig.ok(HostListener::bind(rig.uds(), CHURN_G_PORT), "bind");
+    let long_g_job = guest(format!(
+        "connect 2 {LONG_G_PORT} --parallel {LONG} chaos {LONG_G_SEED}"
+    ));
+    let churn_g_job = guest(format!(
+        "connect 2 {CHURN_G_PORT} --repeat {kills} chaos {CHURN_G_SEED}"
+    ));
+    let ping = rig.connect(PING_PORT);
+    // Sends `byte` and reads its echo. The echo of the ping before may
+    // come again first: its write to the host is the chunk a kill before
+    // the worker's record of it repeats. Returns the bytes repeated.
+    let echo_once = |s: &UnixStream, byte: u8, what: &str| -> u64 {
+        let mut echo = [0u8; 1];
+        let mut repeated = 0;
+        rig.ok((&*s).write_all(&[byte]), &format!("{what}: ping"));
+        loop {
+            rig.ok((&*s).read_exact(&mut echo), &format!("{what}: echo"));
+            match echo[0] {
+                b if b == byte => return repeated,
+                b if b == byte.wrapping_sub(1) && repeated == 0 => repeated = 1,
+                b => rig.fail(format!("{what}: echo {b} for ping {byte}")),
+            }
+        }
+    };
+    let mut ping_repeated = 0u64;
+    let mut ping_rtt = Vec::new();
+
+    let stop = AtomicBool::new(false);
+    let mut report = ChaosReport::default();
+    let rig = &rig;
+    // (what, the host side of a connection) for every connection.
+    let mut host_sides: Vec<(String, HostChaos)> = Vec::new();
+    /// Ends the long streams when the test leaves the scope below, also
+    /// when it fails there (the scope waits for their threads).
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    thread::scope(|sc| {
+        let _stop_on_drop = StopOnDrop(&stop);
+        let stop = &stop;
+        let mut long = Vec::new();
+        for i in 0..LONG {
+            let s = rig.accept(&long_g_listener, &format!("long guest connection {i}"));
+            long.push(
+                sc.spawn(move || host_chaos(&s, LONG_G_SEED, LONG, None, SendUntil::Flag(stop))),
+            );
+        }
+        for _ in 0..LONG {
+            let (s, local) = rig.ok(
+                hybrid_connect_timeout(rig.uds(), LONG_H_PORT, T),
+                "long host connection",
+            );
+            s.set_read_timeout(Some(T)).unwrap();
+            s.set_write_timeout(Some(T)).unwrap();
+            let line = format!("OK {local}\n");
+            long.push(sc.spawn(move || {
+                host_chaos(&s, LONG_H_SEED, LONG, Some(&line), SendUntil::Flag(stop))
+            }));
+        }
+
+        for k in 0..kills {
+            let what = format!("round {k}");
+            // A new connection each way, under way when the kill lands.
+            let from_host = sc.spawn(|| {
+                let mut redone = 0;
+                loop {
+                    match hybrid_connect_timeout(rig.uds(), CHURN_H_PORT, HANDSHAKE_WAIT) {
+                        Ok((s, local)) => {
+                            s.set_read_timeout(Some(T)).unwrap();
+                            s.set_write_timeout(Some(T)).unwrap();
+                            let line = format!("OK {local}\n");
+                            let until = SendUntil::Bytes(CHURN_BYTES);
+                            match host_chaos(&s, CHURN_H_SEED, u64::from(kills), Some(&line), until)
+                            {
+                                Ok(Some(c)) => return (c, redone),
+                                Ok(None) if redone < 3 => redone += 1,
+                                Ok(None) => rig.fail("host connections keep ending unused"),
+                                Err(e) => rig.fail(format!("short host connection: {e}")),
+                            }
+                        }
+                        Err(e)
+                            if redone < 3
+                                && matches!(
+                                    e.kind(),
+                                    io::ErrorKind::WouldBlock
+                                        | io::ErrorKind::TimedOut
+                                        | io::ErrorKind::ConnectionReset
+                                        | io::ErrorKind::UnexpectedEof
+                                ) =>
+                        {
+                            redone += 1
+                        }
+                        Err(e) => rig.fail(format!("short host CONNECT: {e}")),
+                    }
+                }
+            });
+            let from_guest = sc.spawn(|| {
+                let mut redone = 0;
+                loop {
+                    let s = rig.accept(&churn_g_listener, "short guest connection");
+                    let until = SendUntil::Bytes(CHURN_BYTES);
+                    match host_chaos(&s, CHURN_G_SEED, u64::from(kills), None, until) {
+                        // The first of a connect a kill made reach the host twice.
+                        Ok(None) if redone < 3 => redone += 1,
+                        Ok(None) => rig.fail("guest connections keep ending unused"),
+                        Ok(Some(c)) => return (c, redone),
+                        Err(e) => rig.fail(format!("short guest connection: {e}")),
+                    }
+                }
+            });
+            thread::sleep(Duration::from_millis(rng.below(KILL_DELAY_MAX_MS)));
+            if k % PAUSE_EVERY == PAUSE_EVERY - 1 {
+                rig.ok(rig.vm().stop(), &format!("{what}: QEMU stop"));
+                thread::sleep(Duration::from_millis(rng.below(50)));
+                rig.ok(
+                    rig.backend.kill_worker(T),
+                    &format!("{what}: kill in a pause"),
+                );
+                rig.ok(rig.vm().cont(), &format!("{what}: QEMU cont"));
+            } else {
+                // Kill to the first packet served, and back: one byte
+                // through the guest's echo. The same round trip just
+                // before the kill tells what of it the kill added.
+                let t0 = Instant::now();
+                ping_repeated += echo_once(&ping, 2 * k as u8, &what);
+                ping_rtt.push(t0.elapsed());
+                let t0 = Instant::now();
+                rig.ok(rig.backend.kill_worker(T), &format!("{what}: kill"));
+                ping_repeated += echo_once(&ping, 2 * k as u8 + 1, &what);
+                report.recovery.push(t0.elapsed());
+            }
+            report.kills += 1;
+            for (dir, t) in [("host", from_host), ("guest", from_guest)] {
+                let (c, redone) = t.join().expect("short connection thread");
+                report.handshakes_redone += redone;
+                report.connections_churned += 1;
+                host_sides.push((format!("{what}: short connection from the {dir}"), c));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for (i, t) in long.into_iter().enumerate() {
+            let side = if (i as u64) < LONG { "guest" } else { "host" };
+            let c = rig.ok(
+                t.join().expect("long connection thread"),
+                &format!("long connection {i} from the {side}"),
+            );
+            match c {
+                Some(c) => host_sides.push((format!("long connection from the {side}"), c)),
+                None => rig.fail(format!("long connection {i} ended before any byte")),
+            }
+        }
+    });
+    rig.ok(
+        ping.shutdown(Shutdown::Write),
+        "closing the ping connection",
+    );
+
+    // The guest's side of every connection.
+    let mut guest_sides: Vec<ResultLine> = Vec::new();
+    for (job, what) in [
+        (&long_g_job, "long connections from the guest"),
+        (&long_h_job, "long connections from the host"),
+        (&churn_g_job, "short connections from the guest"),
+        (&churn_h_job, "short connections from the host"),
+        (&ping_job, "echo"),
+    ] {
+        let out = rig.ok(job.wait(T), what);
+        let results = parse_results(&out.output);
+        for r in &results {
+            let errno = r.get("errno").unwrap_or("?");
+            if r.kind != "RESULT" || errno != "-" {
+                report.resets += 1;
+            }
+        }
+        if out.status != 0 || report.resets > 0 {
+            eprintln!("{}: {report}", rig.name);
+            rig.fail(format!(
+                "{what}: the guest saw an error (exit {}):\n{}",
+                out.status, out.output
+            ));
+        }
+        guest_sides.extend(results.into_iter().filter(|r| r.get("seed").is_some()));
+    }
+    let expected = 2 * LONG as usize + 2 * kills as usize;
+    if guest_sides.len() != expected || host_sides.len() != expected {
+        rig.fail(format!(
+            "{} guest results and {} host sides for {expected} connections",
+            guest_sides.len(),
+            host_sides.len()
+        ));
+    }
+
+    // Each connection both ways: complete, in order, gaps bounded.
+    let (mut to_guest, mut to_host) = (0u64, 0u64);
+    let mut problems = Vec::new();
+    for (what, h) in &host_sides {
+        let Some(g) = guest_sides
+            .iter()
+            .find(|g| g.num("seed") == Some(h.seed as i64))
+        else {
+            problems.push(format!("{what}: no guest result for stream {:#x}", h.seed));
+            continue;
+        };
+        let num = |k: &str| g.num(k).unwrap_or(-1);
+        // Guest to host.
+        let c = &h.check;
+        if c.corrupt || c.offset() as i64 != num("sent") {
+            problems.push(format!(
+                "{what}: guest to host: the guest sent {} bytes, the host's stream reaches {} (corrupt {})",
+                num("sent"),
+                c.offset(),
+                c.corrupt
+            ));
+        }
+        for gap in &c.gaps {
+            let n = match gap {
+                Gap::Lost { n, .. } | Gap::Duplicated { n, .. } => *n,
+            };
+            if n > CHUNK_TO_HOST_BYTES {
+                problems.push(format!("{what}: guest to host: {gap:?} exceeds one chunk"));
+            }
+        }
+        to_host += c.lost() + c.duplicated();
+        report.bytes_lost += c.lost();
+        report.bytes_duplicated += c.duplicated();
+        report.gaps += c.gaps.len() as u32;
+        report.bytes_verified += c.offset();
+        // Host to guest, as the guest's probe reported it.
+        if g.get("corrupt") != Some("no") || num("offset") != h.sent as i64 {
+            problems.push(format!(
+                "{what}: host to guest: the host sent {} bytes, the guest's stream reaches {} (corrupt {:?})",
+                h.sent,
+                num("offset"),
+                g.get("corrupt")
+            ));
+        }
+        let (lost, dup, gaps) = (num("lost"), num("dup"), num("gaps"));
+        if lost < 0
+            || dup < 0
+            || gaps < 0
+            || (lost + dup) as u64 > gaps as u64 * CHUNK_TO_GUEST_BYTES
+        {
+            problems.push(format!(
+                "{what}: host to guest: {gaps} gaps of {lost} lost, {dup} repeated bytes"
+            ));
+        }
+        to_guest += (lost + dup).max(0) as u64;
+        report.bytes_lost += lost.max(0) as u64;
+        report.bytes_duplicated += dup.max(0) as u64;
+        report.gaps += gaps.max(0) as u32;
+        report.bytes_verified += num("offset").max(0) as u64;
+    }
+    to_host += ping_repeated;
+    report.bytes_duplicated += ping_repeated;
+    report.gaps += ping_repeated as u32;
+    ping_rtt.sort();
+    eprintln!(
+        "{}: {report}; recovery is kill to an echo through the guest, whose round trip \
+         without a kill took p50 {:.1} ms, max {:.1} ms",
+        rig.name,
+        percentile(&ping_rtt, 0.5).as_secs_f64() * 1e3,
+        ping_rtt.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
+    if to_guest > u64::from(kills) * CHUNK_TO_GUEST_BYTES {
+        problems.push(format!(
+            "{to_guest} bytes toward the guest lost or repeated in {kills} kills"
+        ));
+    }
+    if to_host > u64::from(kills) * CHUNK_TO_HOST_BYTES {
+        problems.push(format!(
+            "{to_host} bytes toward the host lost or repeated in {kills} kills"
+        ));
+    }
+    if !problems.is_empty() {
+        rig.fail(problems.join("\n"));
+    }
+    rig.no_vhost_errors_in_qemu_log();
 }

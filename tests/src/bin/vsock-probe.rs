@@ -4,8 +4,8 @@
 //!
 //! Usage:
 //!   vsock-probe [--timeout SECS] cid
-//!   vsock-probe [--timeout SECS] listen PORT [--delay-accept MS] [--count N] MODE
-//!   vsock-probe [--timeout SECS] connect CID PORT [--parallel N] MODE
+//!   vsock-probe [--timeout SECS] listen PORT [--delay-accept MS] [--count N] [--seed-step K] MODE
+//!   vsock-probe [--timeout SECS] connect CID PORT [--parallel N] [--repeat N] MODE
 //!
 //! `listen unix:PATH` listens on a Unix socket and `connect unix:UDS PORT`
 //! opens a hybrid connection (`CONNECT PORT`) through a backend's Unix
@@ -20,9 +20,14 @@
 //!   halfclose-reader BYTES SEED  receive SEED until EOF, then send !SEED
 //!   expect-error                 connect must fail; prints the errno name
 //!   message TEXT...              send TEXT as a line, print the line the peer sends
+//!   chaos SEED                   send SEED until the peer half-closes, receive !SEED
+//!                                tolerating lost or repeated chunks (reported)
 //!
-//! With `--parallel N`, connection i uses seed SEED+i. With `--count N`,
-//! every accepted connection uses SEED.
+//! With `--parallel N`, N connections run at once, connection i with seed
+//! SEED+i; with `--repeat N`, N connections run one after another, seeds
+//! likewise (a failed one does not stop the rest). With `--count N`, the
+//! listener serves N connections, connection i with seed SEED+i×K given
+//! `--seed-step K` (default 0: every one uses SEED).
 //! Output lines: `LISTENING port=P`, `ACCEPTED conn=I cid=C port=P`,
 //! `RESULT conn=I sent=N received=N ok=yes|no first_bad=-1|OFF errno=-|NAME op=-|OP end=-|eof|reset`,
 //! `ERROR conn=I errno=NAME op=OP ...`, `CID N`.
@@ -44,7 +49,9 @@ struct Opts {
     timeout: Duration,
     delay_accept: Duration,
     count: u64,
+    seed_step: u64,
     parallel: u64,
+    repeat: u64,
     pos: Vec<String>,
 }
 
@@ -52,7 +59,8 @@ fn usage(msg: &str) -> ! {
     eprintln!("vsock-probe: {msg}");
     eprintln!(
         "usage: vsock-probe [--timeout SECS] (cid | listen PORT|unix:PATH [--delay-accept MS] \
-         [--count N] MODE | connect CID|unix:UDS PORT [--parallel N] MODE)"
+         [--count N] [--seed-step K] MODE | connect CID|unix:UDS PORT [--parallel N] \
+         [--repeat N] MODE)"
     );
     exit(64)
 }
@@ -62,7 +70,9 @@ fn parse_opts() -> Opts {
         timeout: Duration::from_secs(60),
         delay_accept: Duration::ZERO,
         count: 1,
+        seed_step: 0,
         parallel: 1,
+        repeat: 1,
         pos: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
@@ -76,7 +86,9 @@ fn parse_opts() -> Opts {
                 "timeout" => o.timeout = Duration::from_secs(n),
                 "delay-accept" => o.delay_accept = Duration::from_millis(n),
                 "count" => o.count = n.max(1),
+                "seed-step" => o.seed_step = n,
                 "parallel" => o.parallel = n.max(1),
+                "repeat" => o.repeat = n.max(1),
                 _ => usage(&format!("unknown option --{name}")),
             }
         } else {
@@ -169,7 +181,7 @@ fn listen(o: &Opts, mode: &Mode) -> bool {
                 break;
             }
         };
-        let mode = mode.clone();
+        let mode = mode.for_conn(i.wrapping_mul(o.seed_step));
         let all_ok = all_ok.clone();
         let timeout = o.timeout;
         threads.push(thread::spawn(move || {
@@ -196,6 +208,34 @@ fn connect_one(target: &str, port: u32, timeout: Duration) -> std::io::Result<So
     }
 }
 
+/// Opens connection `i` and runs `mode` on it; reports it.
+fn connect_and_serve(i: u64, target: &str, port: u32, mode: &Mode, timeout: Duration) -> bool {
+    match connect_one(target, port, timeout) {
+        Ok(sock) => {
+            if *mode == Mode::ExpectError {
+                let out = Outcome::default();
+                say(&format!("{} connected=yes", out.result_line(i)));
+                false
+            } else {
+                serve(i, sock, mode, timeout)
+            }
+        }
+        Err(e) => {
+            let out = Outcome {
+                error: Some(OpError::new("connect", &e)),
+                ok: *mode == Mode::ExpectError,
+                ..Outcome::default()
+            };
+            if *mode == Mode::ExpectError {
+                say(&out.result_line(i));
+                true
+            } else {
+                report(i, &out)
+            }
+        }
+    }
+}
+
 fn connect(o: &Opts, mode: &Mode) -> bool {
     if o.pos.len() < 3 {
         usage("connect needs CID PORT MODE");
@@ -203,35 +243,15 @@ fn connect(o: &Opts, mode: &Mode) -> bool {
     let target = o.pos[1].clone();
     let port = parse_u64(&o.pos[2]).unwrap_or_else(|| usage("bad PORT")) as u32;
     let mut threads = Vec::new();
-    for i in 0..o.parallel {
-        let mode = mode.for_conn(i);
-        let target = target.clone();
-        let timeout = o.timeout;
+    for p in 0..o.parallel {
+        let (mode, target, timeout, repeat) = (mode.clone(), target.clone(), o.timeout, o.repeat);
         threads.push(thread::spawn(move || {
-            match connect_one(&target, port, timeout) {
-                Ok(sock) => {
-                    if mode == Mode::ExpectError {
-                        let out = Outcome::default();
-                        say(&format!("{} connected=yes", out.result_line(i)));
-                        false
-                    } else {
-                        serve(i, sock, &mode, timeout)
-                    }
-                }
-                Err(e) => {
-                    let out = Outcome {
-                        error: Some(OpError::new("connect", &e)),
-                        ok: mode == Mode::ExpectError,
-                        ..Outcome::default()
-                    };
-                    if mode == Mode::ExpectError {
-                        say(&out.result_line(i));
-                        true
-                    } else {
-                        report(i, &out)
-                    }
-                }
+            let mut ok = true;
+            for r in 0..repeat {
+                let i = p * repeat + r;
+                ok &= connect_and_serve(i, &target, port, &mode.for_conn(i), timeout);
             }
+            ok
         }));
     }
     let mut ok = true;
