@@ -85,6 +85,59 @@ pub struct Recovered {
     pub resubmit: Vec<u16>,
 }
 
+/// Where a queue stands as its log records it, read by a process that only
+/// looks (see [`summarize`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InflightSummary {
+    /// Descriptors of the queue the log was formatted for.
+    pub queue_size: u16,
+    /// The used index last published and recorded.
+    pub used_idx: u16,
+    /// Heads popped and not yet returned.
+    pub in_flight: u16,
+}
+
+impl InflightSummary {
+    /// The next available index the device pops: every head in flight was
+    /// popped after the last one returned.
+    pub fn last_avail_idx(&self) -> u16 {
+        self.used_idx.wrapping_add(self.in_flight)
+    }
+}
+
+/// Reads the log at `ptr` without taking it over: `None` if it was never
+/// formatted (or for more descriptors than `capacity`). A worker may be
+/// writing it meanwhile; the figures are then those of an instant close to
+/// the call, not necessarily one the worker went through.
+///
+/// # Safety
+///
+/// `ptr` must be 8-aligned and valid for reads of
+/// [`inflight_bytes(capacity)`] bytes.
+pub(crate) unsafe fn summarize(ptr: *const u8, capacity: u16) -> Option<InflightSummary> {
+    // SAFETY: the header lies at `ptr` (caller).
+    let header = unsafe { std::ptr::read_volatile(ptr.cast::<Header>()) };
+    if header.version != INFLIGHT_VERSION || header.desc_num == 0 || header.desc_num > capacity {
+        return None;
+    }
+    let descs = ptr.wrapping_add(INFLIGHT_HEADER_BYTES).cast::<Desc>();
+    let in_flight = (0..header.desc_num)
+        .filter(|&h| {
+            // SAFETY: `h < desc_num <= capacity`, so the entry lies in the
+            // area; AtomicU8 has u8's layout and a load does not write.
+            let flag = unsafe {
+                &*std::ptr::addr_of!((*descs.add(usize::from(h))).inflight).cast::<AtomicU8>()
+            };
+            flag.load(Ordering::Acquire) != 0
+        })
+        .count() as u16;
+    Some(InflightSummary {
+        queue_size: header.desc_num,
+        used_idx: header.used_idx,
+        in_flight,
+    })
+}
+
 /// The log of one queue, in shared memory.
 pub struct InflightLog {
     base: *mut u8,
@@ -377,6 +430,33 @@ mod tests {
         let r = log(&mut a).recover(QS, 0, |_| None).unwrap();
         assert_eq!(r.resubmit, vec![1]);
         assert_eq!(r.next_avail, 1);
+    }
+
+    #[test]
+    fn summary_counts_heads_in_flight() {
+        let mut a = area();
+        // SAFETY: `a` is 8-aligned and sized for QS.
+        assert_eq!(unsafe { summarize(a.as_ptr().cast(), QS) }, None);
+        let mut l = log(&mut a);
+        l.format(4, 65535).unwrap();
+        l.mark(2);
+        l.mark(0);
+        l.mark(3);
+        l.clear(0);
+        l.set_used_idx(0);
+        // SAFETY: as above.
+        let s = unsafe { summarize(a.as_ptr().cast(), QS) }.unwrap();
+        assert_eq!(
+            s,
+            InflightSummary {
+                queue_size: 4,
+                used_idx: 0,
+                in_flight: 2
+            }
+        );
+        assert_eq!(s.last_avail_idx(), 2);
+        // SAFETY: as above; a log for more descriptors than the area holds.
+        assert_eq!(unsafe { summarize(a.as_ptr().cast(), 2) }, None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! * [`Record`]: an A/B record that a crash never leaves half-written as far
 //!   as a reader can tell.
 //! * [`InflightLog`]: the vhost-user inflight log of one queue.
+//! * [`RegionView`]: the region mapped read-only, for reporting on it.
 //! * [`Channel`], [`FdStore`], [`FdSet`]: the keeper-worker link and the
 //!   descriptors the keeper holds for the worker.
 //!
@@ -22,13 +23,15 @@ mod region;
 pub mod session;
 mod shm;
 pub mod slot;
+mod view;
 
 pub use channel::{Channel, Frame, Kind};
 pub use fdstore::{FdKeeper, FdSet, FdStore};
-pub use inflight::{inflight_bytes, InflightLog, Recovered};
+pub use inflight::{inflight_bytes, InflightLog, InflightSummary, Recovered};
 pub use record::{record_bytes, Committed, Record};
 pub use region::{Geometry, Region, RingsState, LAYOUT_VERSION};
 pub use shm::{page_size, SharedMemory};
+pub use view::RegionView;
 
 /// Errors of the persistence layer.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,9 @@ pub enum PersistError {
     /// The state memfd could not be sized or mapped.
     #[error("cannot map the state region: {0}")]
     Map(#[source] std::io::Error),
+    /// No worker has formatted the region yet.
+    #[error("the state region is not formatted yet (no worker has started)")]
+    NotFormatted,
     /// The file is not a vsockd state region.
     #[error("the state region has no vsockd header (wrong file?)")]
     NotARegion,

@@ -62,6 +62,54 @@ pub struct Committed<T> {
     pub body: T,
 }
 
+/// Reads the copy at `p` if it is complete.
+///
+/// # Safety
+///
+/// `p` must be 8-aligned and valid for reads of one `Copy<T>`.
+unsafe fn read_copy_at<T: ByteValued>(p: *const Copy<T>) -> Option<Committed<T>> {
+    // SAFETY: `seq` is the first field of an 8-aligned copy (caller);
+    // AtomicU64 has u64's layout, and a load does not write.
+    let seq = unsafe { &*std::ptr::addr_of!((*p).seq).cast::<AtomicU64>() }.load(Ordering::Acquire);
+    if seq == 0 {
+        return None;
+    }
+    // SAFETY: the copy is readable (caller), and `T` is ByteValued, so any
+    // bytes found there are a valid `T`.
+    let (sum, body) = unsafe {
+        (
+            std::ptr::read_volatile(std::ptr::addr_of!((*p).sum)),
+            std::ptr::read_volatile(std::ptr::addr_of!((*p).body)),
+        )
+    };
+    (checksum(seq, body.as_slice()) == sum).then_some(Committed { seq, body })
+}
+
+/// The newest of two copies read back that `confirmed` accepts.
+fn newest<T>(
+    mut copies: [Option<Committed<T>>; 2],
+    confirmed: impl Fn(&Committed<T>) -> bool,
+) -> Option<Committed<T>> {
+    copies.sort_by_key(|c| std::cmp::Reverse(c.as_ref().map_or(0, |c| c.seq)));
+    copies.into_iter().flatten().find(|c| confirmed(c))
+}
+
+/// The newest complete copy of the record at `ptr`, read without a
+/// [`Record`]: for a process that only looks at the region while a worker
+/// may be writing it (a copy being written fails its checksum, and the
+/// other one is taken).
+///
+/// # Safety
+///
+/// `ptr` must be 8-aligned and valid for reads of [`record_bytes::<T>()`]
+/// bytes.
+pub(crate) unsafe fn peek<T: ByteValued>(ptr: *const u8) -> Option<Committed<T>> {
+    let copies = ptr.cast::<Copy<T>>();
+    // SAFETY: the record holds two copies (caller).
+    let read = |i: usize| unsafe { read_copy_at(copies.add(i)) };
+    newest([read(0), read(1)], |_| true)
+}
+
 /// An A/B record of `T` at a fixed place in shared memory. It keeps the
 /// memory it lives in mapped (`keep`).
 pub struct Record<T> {
@@ -107,20 +155,8 @@ impl<T: ByteValued> Record<T> {
 
     /// Reads copy `i` if it is complete.
     fn read_copy(&self, i: usize) -> Option<Committed<T>> {
-        let seq = self.seq(i).load(Ordering::Acquire);
-        if seq == 0 {
-            return None;
-        }
-        // SAFETY: the copy lies in valid memory (`at`), and `T` is
-        // ByteValued, so any bytes found there are a valid `T`.
-        let (sum, body) = unsafe {
-            let p = self.copy_ptr(i);
-            (
-                std::ptr::read_volatile(std::ptr::addr_of!((*p).sum)),
-                std::ptr::read_volatile(std::ptr::addr_of!((*p).body)),
-            )
-        };
-        (checksum(seq, body.as_slice()) == sum).then_some(Committed { seq, body })
+        // SAFETY: copy `i` lies in valid memory (`at`).
+        unsafe { read_copy_at(self.copy_ptr(i)) }
     }
 
     /// The newest complete copy, if any.
@@ -131,9 +167,7 @@ impl<T: ByteValued> Record<T> {
     /// The newest complete copy that `confirmed` accepts. The older copy is
     /// considered only when the newer one is rejected or torn.
     pub fn read_where(&self, confirmed: impl Fn(&Committed<T>) -> bool) -> Option<Committed<T>> {
-        let mut copies = [self.read_copy(0), self.read_copy(1)];
-        copies.sort_by_key(|c| std::cmp::Reverse(c.as_ref().map_or(0, |c| c.seq)));
-        copies.into_iter().flatten().find(|c| confirmed(c))
+        newest([self.read_copy(0), self.read_copy(1)], confirmed)
     }
 
     /// Sequence number of the newest copy (complete or not), 0 if none.
@@ -298,5 +332,27 @@ mod tests {
         assert_eq!(r.read_where(|_| false), None);
         r.clear();
         assert_eq!(r.read(), None);
+    }
+
+    /// `peek` (a reader without a `Record`) sees what `read` sees, torn
+    /// copies included.
+    #[test]
+    fn peek_reads_as_read() {
+        let mut m = mem();
+        // SAFETY: `m` is 8-aligned and holds a record of `Body`.
+        assert_eq!(unsafe { peek::<Body>(m.as_ptr().cast()) }, None);
+        // SAFETY: as above.
+        let mut r = unsafe { Record::<Body>::at(m.as_mut_ptr().cast(), None) };
+        r.write(&body(1));
+        r.write(&body(2));
+        r.write(&body(3));
+        // SAFETY: as above.
+        let seen = unsafe { peek::<Body>(m.as_ptr().cast()) };
+        assert_eq!(seen.map(|c| (c.seq, c.body)), Some((3, body(3))));
+        // Copy 0 holds seq 3: a writer has just cleared its sequence.
+        m[0] = 0;
+        // SAFETY: as above.
+        let seen = unsafe { peek::<Body>(m.as_ptr().cast()) };
+        assert_eq!(seen.map(|c| (c.seq, c.body)), Some((2, body(2))));
     }
 }

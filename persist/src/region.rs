@@ -55,12 +55,12 @@ pub struct Geometry {
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
-struct Header {
+pub(crate) struct Header {
     magic: [u8; 8],
     version: u32,
     header_bytes: u32,
     region_bytes: u64,
-    generation: u64,
+    pub(crate) generation: u64,
     max_queue_size: u32,
     conn_slots: u32,
     conn_data_bytes: u64,
@@ -68,6 +68,53 @@ struct Header {
 
 // SAFETY: `repr(C)`, integers and a byte array, no padding (48 bytes).
 unsafe impl ByteValued for Header {}
+
+impl Header {
+    /// The header at the start of a mapping.
+    ///
+    /// # Safety
+    ///
+    /// `base` must be 8-aligned and valid for reads of `HEADER_BYTES`.
+    pub(crate) unsafe fn read(base: *const u8) -> Header {
+        // SAFETY: as the caller promises.
+        unsafe { std::ptr::read_volatile(base.cast::<Header>()) }
+    }
+
+    /// True once the region is formatted (the header is stored last).
+    pub(crate) fn is_formatted(&self) -> bool {
+        self.magic != [0; 8]
+    }
+
+    /// Checks that a formatted region is one this build reads, laid out
+    /// for `geometry`.
+    pub(crate) fn check(&self, geometry: &Geometry, layout: &Layout) -> Result<(), PersistError> {
+        if self.magic != MAGIC {
+            return Err(PersistError::NotARegion);
+        }
+        if self.version > LAYOUT_VERSION {
+            return Err(PersistError::LayoutTooNew {
+                found: self.version,
+                known: LAYOUT_VERSION,
+            });
+        }
+        if self.version < LAYOUT_VERSION {
+            return Err(PersistError::LayoutUnsupported {
+                found: self.version,
+            });
+        }
+        let found = Geometry {
+            max_queue_size: self.max_queue_size as u16,
+            conn_slots: self.conn_slots,
+            conn_data_bytes: self.conn_data_bytes,
+        };
+        if found != *geometry || self.region_bytes != layout.total as u64 {
+            return Err(PersistError::Geometry(format!(
+                "the region was laid out for {found:?}, this worker expects {geometry:?}"
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// Commit state of the RX queue and the connection uid counter.
 #[repr(C)]
@@ -90,19 +137,19 @@ unsafe impl ByteValued for RingsState {}
 
 /// Offsets of the parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Layout {
-    session: usize,
-    rings: usize,
-    inflight: [usize; 2],
+pub(crate) struct Layout {
+    pub(crate) session: usize,
+    pub(crate) rings: usize,
+    pub(crate) inflight: [usize; 2],
     tx_meta: usize,
-    slots: usize,
-    slot_stride: usize,
+    pub(crate) slots: usize,
+    pub(crate) slot_stride: usize,
     data: usize,
-    total: usize,
+    pub(crate) total: usize,
 }
 
 impl Layout {
-    fn of(g: &Geometry) -> Result<Self, PersistError> {
+    pub(crate) fn of(g: &Geometry) -> Result<Self, PersistError> {
         let page = page_size();
         let align = |n: usize| n.next_multiple_of(64);
         let session = HEADER_BYTES;
@@ -172,37 +219,14 @@ impl Region {
             region.format();
             return Ok((region, true));
         }
-        if header.magic != MAGIC {
-            return Err(PersistError::NotARegion);
-        }
-        if header.version > LAYOUT_VERSION {
-            return Err(PersistError::LayoutTooNew {
-                found: header.version,
-                known: LAYOUT_VERSION,
-            });
-        }
-        if header.version < LAYOUT_VERSION {
-            return Err(PersistError::LayoutUnsupported {
-                found: header.version,
-            });
-        }
-        let found = Geometry {
-            max_queue_size: header.max_queue_size as u16,
-            conn_slots: header.conn_slots,
-            conn_data_bytes: header.conn_data_bytes,
-        };
-        if found != geometry || header.region_bytes != layout.total as u64 {
-            return Err(PersistError::Geometry(format!(
-                "the region was laid out for {found:?}, this worker expects {geometry:?}"
-            )));
-        }
+        header.check(&geometry, &layout)?;
         Ok((region, false))
     }
 
     fn header(&self) -> Header {
         // SAFETY: the header lies at the start of the mapping, which is
         // larger than HEADER_BYTES.
-        unsafe { std::ptr::read_volatile(self.shm.as_ptr().cast::<Header>()) }
+        unsafe { Header::read(self.shm.as_ptr()) }
     }
 
     fn format(&self) {

@@ -77,6 +77,36 @@ impl SharedMemory {
         Ok(SharedMemory { fd, ptr, len })
     }
 
+    /// Maps the first `len` bytes of `fd` for reading only: a process that
+    /// looks at what another one stores, and cannot change it. Fails if the
+    /// file is shorter than `len` (it is never grown).
+    pub fn map_read_only(fd: OwnedFd, len: usize) -> Result<Self, PersistError> {
+        if len == 0 || Self::file_len(&fd)? < len as u64 {
+            return Err(PersistError::Map(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the file is shorter than the {len} bytes to map"),
+            )));
+        }
+        // SAFETY: a new read-only shared mapping of `len` bytes of a file
+        // that is at least that long; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(PersistError::Map(io::Error::last_os_error()));
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| PersistError::Map(io::Error::other("mmap returned null")))?;
+        Ok(SharedMemory { fd, ptr, len })
+    }
+
     /// Size of the file now, in bytes.
     pub fn file_len(fd: &OwnedFd) -> Result<u64, PersistError> {
         // SAFETY: fstat(2) into a zeroed local struct.
@@ -93,7 +123,8 @@ impl SharedMemory {
         &self.fd
     }
 
-    /// Start of the mapping.
+    /// Start of the mapping (not writable if mapped with
+    /// [`SharedMemory::map_read_only`]).
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
