@@ -42,12 +42,13 @@ use crate::host::HostStream;
 use crate::iov::{write_fd, GuestIovs, IovWindow};
 use crate::packet::*;
 use crate::parked::Parked;
+use crate::phase::ConnPhase;
 use crate::txbuf::TxBuf;
 use crate::ConnKey;
 use vsockd_persist::slot::{ConnRecord, SLOT_LINE_BYTES};
 
 /// [`ConnRecord::state`] values.
-mod rec_state {
+pub(crate) mod rec_state {
     pub const AWAIT_LINE: u8 = 1;
     pub const LOCAL_INIT: u8 = 2;
     pub const ESTABLISHED: u8 = 3;
@@ -229,6 +230,16 @@ impl<S: HostStream> Connection<S> {
     fn peer_credit(&self) -> u32 {
         let in_flight = (self.tx_cnt - self.peer_fwd_cnt).0;
         self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    /// Where the connection is in its life.
+    pub fn phase(&self) -> ConnPhase {
+        match self.state {
+            State::AwaitLine(_) => ConnPhase::Handshake,
+            State::LocalInit => ConnPhase::Connecting,
+            State::Established => ConnPhase::Established,
+            State::Closing => ConnPhase::Closing,
+        }
     }
 
     pub fn is_closing(&self) -> bool {
@@ -843,6 +854,8 @@ mod record_tests {
         c.owe(owe::CREDIT_UPDATE);
         let rec = c.record();
         assert_eq!(rec.state, rec_state::ESTABLISHED);
+        assert_eq!(ConnPhase::of_record(&rec), Some(c.phase()));
+        assert_eq!(c.phase(), ConnPhase::Established);
         assert_eq!(rec.rx_cnt as usize, sent.len());
         assert_eq!((rec.rx_cnt - rec.txbuf_start) as usize, c.txbuf.len());
         assert_eq!(rec.peer_fwd_cnt, 77);
@@ -884,6 +897,8 @@ mod record_tests {
         }
         let rec = c.record();
         assert_eq!(rec.state, rec_state::AWAIT_LINE);
+        assert_eq!(ConnPhase::of_record(&rec), Some(ConnPhase::Handshake));
+        assert_eq!(c.phase(), ConnPhase::Handshake);
         let mut area = vec![0u8; 4096];
         // SAFETY: `area` is large enough and outlives the connection.
         let mut c2 = unsafe { Connection::from_record(&rec, ours, area.as_mut_ptr()) }.unwrap();

@@ -14,6 +14,7 @@ mod iov;
 mod muxer;
 pub mod packet;
 mod parked;
+mod phase;
 pub mod store;
 mod txbuf;
 
@@ -23,6 +24,7 @@ pub use conn::MAX_RX_BATCH;
 pub use host::{Host, HostStream};
 pub use iov::GuestIovs;
 pub use muxer::{Adopted, Muxer, MuxerConfig, MuxerStats, TxChain};
+pub use phase::{ConnCounts, ConnPhase};
 pub use store::ConnStore;
 
 /// Errors of the device layer.

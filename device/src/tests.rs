@@ -357,6 +357,27 @@ fn host_client_connect_line_and_payload_in_same_write() {
 }
 
 #[test]
+fn connection_counts_follow_each_phase() {
+    let mut rig = Rig::new();
+    let counts = |rig: &Rig| {
+        let c = rig.mux.connection_counts();
+        assert_eq!(c.total(), rig.mux.connection_count());
+        (c.handshake, c.connecting, c.established, c.closing)
+    };
+    assert_eq!(counts(&rig), (0, 0, 0, 0));
+    let _guest = rig.guest_connect(1010, 90);
+    let mut client = rig.host_client();
+    client.write_all(b"CONNECT 5").unwrap();
+    assert!(rig.rx().is_none());
+    assert_eq!(counts(&rig), (1, 0, 1, 0));
+    client.write_all(b"3\n").unwrap();
+    let (req, _) = rig.rx_op(OP_REQUEST);
+    assert_eq!(counts(&rig), (0, 1, 1, 0));
+    rig.tx(&hdr(OP_RESPONSE, 53, req.src_port(), 0), &[]);
+    assert_eq!(counts(&rig), (0, 0, 2, 0));
+}
+
+#[test]
 fn connect_line_split_across_writes() {
     let mut rig = Rig::new();
     let mut client = rig.host_client();

@@ -33,7 +33,7 @@ use crate::host::Host;
 use crate::iov::{read_fd, GuestIovs};
 use crate::packet::*;
 use crate::store::ConnStore;
-use crate::{ConnKey, DeviceError};
+use crate::{ConnCounts, ConnKey, DeviceError};
 
 mod keep;
 
@@ -144,6 +144,15 @@ impl<H: Host> Muxer<H> {
     /// Open connections, host clients still sending their line included.
     pub fn connection_count(&self) -> usize {
         self.conns.len() - self.free_slots.len()
+    }
+
+    /// Open connections by phase.
+    pub fn connection_counts(&self) -> ConnCounts {
+        let mut counts = ConnCounts::default();
+        for c in self.conns.iter().flatten() {
+            counts.add(Some(c.phase()));
+        }
+        counts
     }
 
     /// True when [`Muxer::fill_rx`] may have a packet to give.
