@@ -3,6 +3,12 @@
 //! the keeper. (Connections are kept by the muxer, through
 //! `conn_store::RegionStore`.)
 //!
+//! The RX inflight log is kept too, for those who read the region (`vsockd
+//! status` in the keeper), not for recovery: it is formatted when the RX
+//! ring starts or is adopted and takes the used index after each RX
+//! publish, and never shows a head in flight (RX chains are returned in the
+//! batch that popped them).
+//!
 //! Fd-store ids of session fds are derived from the control message that
 //! brought them: `FIRST_WORKER_ID + seq * 64 + slot` (slot: memory region
 //! 0-7, kick eventfd 8 + queue, call eventfd 16 + queue). A message applied
@@ -36,6 +42,8 @@ pub struct Persistence {
     pub region: Region,
     pub session: Record<SessionRecord>,
     pub tx_log: InflightLog,
+    /// The RX log: its used index only (see the module doc).
+    pub rx_log: InflightLog,
     keeper: Channel,
     /// Sequence number of the control message being applied.
     pub msg_seq: u64,
@@ -48,6 +56,7 @@ pub struct Persistence {
 impl Persistence {
     pub fn new(region: Region, keeper: Channel) -> Option<Self> {
         let session = region.session();
+        let rx_log = region.inflight(0)?;
         let tx_log = region.inflight(1)?;
         let named = session
             .read()
@@ -57,6 +66,7 @@ impl Persistence {
             region,
             session,
             tx_log,
+            rx_log,
             keeper,
             msg_seq: 0,
             named,

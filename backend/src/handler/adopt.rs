@@ -215,6 +215,13 @@ impl VsockDevice {
                 resubmit = recovered.resubmit;
             }
             let ring = self.build_ring(q)?;
+            if q == RX_QUEUE {
+                // Nothing in flight between RX batches.
+                let p = self.persist.as_mut().ok_or("no state region")?;
+                p.rx_log
+                    .format(ring.size(), ring.next_used())
+                    .map_err(|e| e.to_string())?;
+            }
             info!(
                 "queue {q} adopted: next_avail {} next_used {}{}",
                 ring.next_avail(),

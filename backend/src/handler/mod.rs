@@ -243,11 +243,15 @@ impl VsockDevice {
 
     fn start_ring(&mut self, q: usize) -> VhostResult<()> {
         let ring = self.build_ring(q).map_err(invalid)?;
-        if q == TX_QUEUE {
-            if let Some(p) = &mut self.persist {
-                // A ring starts with nothing in flight.
-                p.tx_log
-                    .format(ring.size(), ring.next_used())
+        if let Some(p) = &mut self.persist {
+            // A ring starts with nothing in flight.
+            let log = match q {
+                RX_QUEUE => Some(&mut p.rx_log),
+                TX_QUEUE => Some(&mut p.tx_log),
+                _ => None,
+            };
+            if let Some(log) = log {
+                log.format(ring.size(), ring.next_used())
                     .map_err(|e| invalid(e.to_string()))?;
             }
         }
@@ -394,14 +398,16 @@ impl VsockDevice {
                 false
             }
         };
-        if q == TX_QUEUE {
-            if let Some(p) = &mut self.persist {
+        if let Some(p) = &mut self.persist {
+            if q == TX_QUEUE {
                 // The chains are the driver's again: out of the log.
                 ring.take_published_heads(&mut p.published);
                 for &head in &p.published {
                     p.tx_log.clear(head);
                 }
                 p.tx_log.set_used_idx(ring.published());
+            } else if q == RX_QUEUE {
+                p.rx_log.set_used_idx(ring.published());
             }
         }
         if notify {
