@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Default credit advertised to the guest per connection: 1 MiB. The
 /// guest may have this many bytes on their way to one host stream; with
@@ -20,8 +20,11 @@ pub const DEFAULT_BUF_ALLOC_BYTES: u32 = 1024 * 1024;
 /// reply is "OK <host-side port>\n", then bytes flow. Guest to host: a guest
 /// connect to CID 2 port P is bridged to the listener at "<uds-path>_P".
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, args_conflicts_with_subcommands = true)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// vhost-user socket to create and listen on for the VMM.
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
@@ -55,6 +58,11 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(4096..=64 * 1024 * 1024))]
     pub buf_alloc: u32,
 
+    /// Control socket that `vsockd status` asks (default: "<socket-path>.ctl";
+    /// with --fd, none unless this is given).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
     /// Run the worker alone, without the keeper process: no survival of a
     /// worker crash (for debugging, and to measure what survival costs).
     #[arg(long)]
@@ -68,6 +76,45 @@ pub struct Args {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print how a running vsockd is doing: its processes, worker restarts
+    /// and their causes, whether a VMM is connected, open connections and
+    /// where each virtqueue stands.
+    Status(StatusArgs),
+}
+
+/// `vsockd status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The instance's vhost-user socket: its control socket "<PATH>.ctl"
+    /// is asked.
+    #[arg(long, value_name = "PATH", conflicts_with = "control_socket")]
+    pub socket_path: Option<PathBuf>,
+
+    /// The instance's control socket (as given to its --control-socket).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Print one JSON document instead of "key: value" lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl StatusArgs {
+    /// The control socket to ask.
+    pub fn control_path(&self) -> Result<PathBuf, String> {
+        match (&self.control_socket, &self.socket_path) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(s)) => Ok(crate::control::default_path(s)),
+            (None, None) => {
+                Err("status: one of --socket-path or --control-socket is required".into())
+            }
+        }
+    }
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -86,6 +133,9 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 impl Args {
     /// Checks what clap cannot: which options go together.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(Command::Status(status)) = &self.command {
+            return status.control_path().map(|_| ());
+        }
         if self.print_capabilities {
             return Ok(());
         }
@@ -97,7 +147,74 @@ impl Args {
         }
         Ok(())
     }
+
+    /// The control socket to serve, if any.
+    pub fn control_path(&self) -> Option<PathBuf> {
+        self.control_socket.clone().or_else(|| {
+            self.socket_path
+                .as_deref()
+                .map(crate::control::default_path)
+        })
+    }
 }
 
 /// The JSON --print-capabilities prints.
 pub const CAPABILITIES_JSON: &str = "{\n  \"type\": \"vsock\"\n}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Args {
+        Args::try_parse_from([&["vsockd"], args].concat()).unwrap()
+    }
+
+    #[test]
+    fn control_socket_defaults_next_to_the_vhost_user_socket() {
+        let a = parse(&["--socket-path", "/r/v.sock", "--uds-path", "/r/h"]);
+        assert_eq!(a.control_path(), Some(PathBuf::from("/r/v.sock.ctl")));
+        let a = parse(&[
+            "--socket-path",
+            "/r/v.sock",
+            "--control-socket",
+            "/r/c",
+            "--uds-path",
+            "/r/h",
+        ]);
+        assert_eq!(a.control_path(), Some(PathBuf::from("/r/c")));
+        // An inherited socket has no path to put one next to.
+        let a = parse(&["--fd", "3", "--uds-path", "/r/h"]);
+        assert_eq!(a.control_path(), None);
+        let a = parse(&[
+            "--fd",
+            "3",
+            "--control-socket",
+            "/r/c",
+            "--uds-path",
+            "/r/h",
+        ]);
+        assert_eq!(a.control_path(), Some(PathBuf::from("/r/c")));
+    }
+
+    #[test]
+    fn status_takes_one_of_two_paths() {
+        let a = parse(&["status", "--socket-path", "/r/v.sock", "--json"]);
+        let Some(Command::Status(s)) = &a.command else {
+            panic!("{a:?}");
+        };
+        assert!(s.json);
+        assert_eq!(s.control_path(), Ok(PathBuf::from("/r/v.sock.ctl")));
+        assert!(a.validate().is_ok());
+        let a = parse(&["status"]);
+        assert!(a.validate().unwrap_err().contains("--socket-path"));
+        for bad in [
+            &["status", "--socket-path", "/a", "--control-socket", "/b"][..],
+            &["--uds-path", "/h", "status", "--socket-path", "/a"],
+        ] {
+            assert!(
+                Args::try_parse_from([&["vsockd"], bad].concat()).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -41,4 +41,7 @@ pub enum BackendError {
     /// The vsock device could not be created.
     #[error(transparent)]
     Device(#[from] vsockd_device::DeviceError),
+    /// The control socket could not be served.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
 }

@@ -12,20 +12,27 @@
 //! backlog until the first leaves. When the frontend disconnects every
 //! connection is dropped and the listener is polled again: the socket path
 //! stays valid for the next VMM.
+//!
+//! With `--no-keeper` the loop also serves the control socket (`vsockd
+//! status`) from the device's own tables; it never blocks, so a status
+//! request costs the datapath one snapshot, taken between two wakeups.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use log::{info, warn};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::conn_store::RegionStore;
+use crate::control::ControlServer;
 use crate::error::BackendError;
 use crate::handler::{kick_token, DeviceConfig, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::persistence::Persistence;
 use crate::signals::ExitSignals;
+use crate::status::{Mode, RestartLog, Snapshot, WorkerInfo, WorkerState};
 use crate::unix_host::UnixHost;
 use crate::worker_link::{KeeperLink, LinkEvent};
 use vsockd_device::{Muxer, MuxerConfig};
@@ -38,6 +45,7 @@ const FRONTEND_TOKEN: u64 = 2;
 const MUXER_TOKEN: u64 = 3;
 const SIGNAL_TOKEN: u64 = 4;
 const LINK_TOKEN: u64 = 5;
+const CONTROL_TOKEN: u64 = 6;
 const EVENTS_PER_WAIT: usize = 64;
 
 type Handler = BackendReqHandler<Mutex<VsockDevice>>;
@@ -66,11 +74,20 @@ enum Control {
     Keeper(KeeperLink),
 }
 
+/// The control socket of a worker without a keeper.
+pub struct StatusServer {
+    pub control: ControlServer,
+    /// How status names the vhost-user socket.
+    pub socket_label: String,
+    pub started_at: Instant,
+}
+
 struct EventLoop {
     epoll: OwnedFd,
     control: Control,
     device: Arc<Mutex<VsockDevice>>,
     signals: ExitSignals,
+    status: Option<StatusServer>,
 }
 
 impl EventLoop {
@@ -142,6 +159,37 @@ impl EventLoop {
         }
     }
 
+    /// Answers the control socket's clients.
+    fn serve_status(&mut self) {
+        let Some(status) = &mut self.status else {
+            return;
+        };
+        let frontend_connected = matches!(
+            self.control,
+            Control::Direct {
+                frontend: Some(_),
+                ..
+            }
+        );
+        let device = &self.device;
+        let (socket, started_at) = (&status.socket_label, status.started_at);
+        status.control.handle_events(&mut || Snapshot {
+            socket: socket.clone(),
+            mode: Mode::Alone,
+            keeper: None,
+            worker: WorkerInfo {
+                pid: Some(std::process::id()),
+                generation: None,
+                state: WorkerState::Ready,
+                uptime: Some(started_at.elapsed()),
+            },
+            restarts: RestartLog::default(),
+            frontend_connected,
+            source: "worker",
+            device: lock(device).status_figures(),
+        });
+    }
+
     fn run(&mut self) -> Result<(), BackendError> {
         let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); EVENTS_PER_WAIT];
         loop {
@@ -163,6 +211,7 @@ impl EventLoop {
                         }
                     }
                     MUXER_TOKEN => lock(&self.device).process_host_events(),
+                    CONTROL_TOKEN => self.serve_status(),
                     SIGNAL_TOKEN => {
                         if let Some(sig) = self.signals.take() {
                             if let Control::Keeper(_) = self.control {
@@ -206,6 +255,7 @@ impl Parts {
             control,
             device: self.device,
             signals: self.signals,
+            status: None,
         }
     }
 }
@@ -246,9 +296,14 @@ fn build(host: UnixHost, cfg: &ServeConfig) -> Result<Parts, BackendError> {
     })
 }
 
-/// Serves frontends on `listener`, bridging to `host`, until SIGTERM or
-/// SIGINT (`--no-keeper`).
-pub fn serve(listener: UnixListener, host: UnixHost, cfg: ServeConfig) -> Result<(), BackendError> {
+/// Serves frontends on `listener`, bridging to `host`, and `status`'s
+/// control socket if any, until SIGTERM or SIGINT (`--no-keeper`).
+pub fn serve(
+    listener: UnixListener,
+    host: UnixHost,
+    cfg: ServeConfig,
+    status: Option<StatusServer>,
+) -> Result<(), BackendError> {
     listener
         .set_nonblocking(true)
         .map_err(BackendError::Epoll)?;
@@ -258,6 +313,14 @@ pub fn serve(listener: UnixListener, host: UnixHost, cfg: ServeConfig) -> Result
         frontend: None,
     });
     el.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, lfd, LISTENER_TOKEN)?;
+    if let Some(status) = status {
+        el.ctl(
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            status.control.fd(),
+            CONTROL_TOKEN,
+        )?;
+        el.status = Some(status);
+    }
     el.run()
 }
 

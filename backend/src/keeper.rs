@@ -32,6 +32,11 @@
 //! that already went to two workers, is probably killed by what it is
 //! given. Restarts then wait 10 ms, doubling up to 2 s; any other death
 //! restarts at once.
+//!
+//! The keeper also serves the control socket (`vsockd status`), since it
+//! outlives the workers and saw every restart: each death is recorded with
+//! its time and cause, and connections and queues are read from the state
+//! region (see `status_region`). Serving it never blocks (see `control`).
 
 use std::ffi::OsString;
 use std::io;
@@ -39,16 +44,19 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vsockd_persist::channel::FLAG_CLOSE;
 use vsockd_persist::fdstore::well_known;
-use vsockd_persist::{Channel, FdStore, Frame, Kind, SharedMemory};
+use vsockd_persist::{Channel, FdStore, Frame, Geometry, Kind, SharedMemory};
 
+use crate::control::ControlServer;
 use crate::error::BackendError;
 use crate::signals::ExitSignals;
+use crate::status::{KeeperInfo, Mode, Restart, RestartLog, Snapshot, WorkerInfo, WorkerState};
+use crate::status_region::RegionReader;
 
 /// The descriptor number the worker finds its link at.
 pub const WORKER_LINK_FD: RawFd = 3;
@@ -81,6 +89,21 @@ struct Worker {
     child: Child,
     link: Channel,
     ready: bool,
+    started_at: Instant,
+    /// The generation its READY reported.
+    generation: Option<u64>,
+}
+
+/// What the keeper needs besides its listeners.
+pub struct KeeperConfig {
+    /// Command line arguments the worker gets (the keeper's own).
+    pub worker_args: Vec<OsString>,
+    /// The state region's geometry (to read it for status).
+    pub geometry: Geometry,
+    /// The control socket to serve, if any.
+    pub control: Option<ControlServer>,
+    /// How status names the vhost-user socket.
+    pub socket_label: String,
 }
 
 /// Why a worker went away, for the log and `vsockd status`.
@@ -105,7 +128,7 @@ fn exit_cause(status: std::process::ExitStatus) -> String {
         )
     } else {
         match status.code() {
-            Some(101) => "exited with status 101 (panic)".to_string(),
+            Some(101) => "panicked (exit status 101)".to_string(),
             Some(c) => format!("exited with status {c}"),
             None => "ended".to_string(),
         }
@@ -130,18 +153,26 @@ pub struct Keeper {
     /// session from the region).
     session_end_owed: bool,
     signals: ExitSignals,
+    started_at: Instant,
+    control: Option<ControlServer>,
+    socket_label: String,
+    region: RegionReader,
+    restarts: RestartLog,
 }
 
 impl Keeper {
     /// A keeper serving frontends on `listener`, with the host listener
-    /// and a new state memfd in its store. `worker_args` are the command
-    /// line arguments the worker gets (the keeper's own).
+    /// and a new state memfd in its store.
     pub fn new(
         listener: UnixListener,
         host_listener: UnixListener,
-        worker_args: Vec<OsString>,
+        config: KeeperConfig,
     ) -> Result<Self, BackendError> {
         let state = SharedMemory::create_fd(c"vsockd-state").map_err(BackendError::Persist)?;
+        let region = RegionReader::new(
+            state.try_clone().map_err(BackendError::Epoll)?,
+            config.geometry,
+        );
         let mut store = FdStore::default();
         store.deposit(well_known::STATE_REGION, state);
         store.deposit(well_known::HOST_LISTENER, OwnedFd::from(host_listener));
@@ -149,7 +180,7 @@ impl Keeper {
             .set_nonblocking(true)
             .map_err(BackendError::Epoll)?;
         Ok(Keeper {
-            worker_args,
+            worker_args: config.worker_args,
             listener,
             frontend: None,
             store,
@@ -161,6 +192,11 @@ impl Keeper {
             next_seq: 1,
             unacked: None,
             signals: ExitSignals::new().map_err(BackendError::Epoll)?,
+            started_at: Instant::now(),
+            control: config.control,
+            socket_label: config.socket_label,
+            region,
+            restarts: RestartLog::default(),
         })
     }
 
@@ -204,6 +240,8 @@ impl Keeper {
             child,
             link: keeper_end,
             ready: false,
+            started_at: Instant::now(),
+            generation: None,
         };
         // A worker that dies during the hand-over is noticed on the link.
         if let Err(e) = self.store.hand_over(&worker.link, self.started - 1) {
@@ -245,6 +283,7 @@ impl Keeper {
                 (Some(f), true) => Some(push(f.as_raw_fd())),
                 _ => None,
             };
+            let control_i = self.control.as_ref().map(|c| push(c.fd()));
             let timeout = self.restart_at.map_or(-1, |at| {
                 at.saturating_duration_since(Instant::now()).as_millis() as i32 + 1
             });
@@ -274,6 +313,54 @@ impl Keeper {
             if frontend_i.is_some_and(ready) {
                 self.on_frontend_readable();
             }
+            if control_i.is_some_and(ready) {
+                self.serve_control();
+            }
+        }
+    }
+
+    /// Answers the control socket's clients.
+    fn serve_control(&mut self) {
+        let Some(mut control) = self.control.take() else {
+            return;
+        };
+        control.handle_events(&mut || self.snapshot());
+        self.control = Some(control);
+    }
+
+    /// What `vsockd status` reports now.
+    fn snapshot(&mut self) -> Snapshot {
+        let now = Instant::now();
+        let worker = match &self.worker {
+            Some(w) => WorkerInfo {
+                pid: Some(w.child.id()),
+                generation: w.generation,
+                state: if w.ready {
+                    WorkerState::Ready
+                } else {
+                    WorkerState::Starting
+                },
+                uptime: Some(now.saturating_duration_since(w.started_at)),
+            },
+            None => WorkerInfo {
+                pid: None,
+                generation: None,
+                state: WorkerState::Restarting,
+                uptime: None,
+            },
+        };
+        Snapshot {
+            socket: self.socket_label.clone(),
+            mode: Mode::Keeper,
+            keeper: Some(KeeperInfo {
+                pid: std::process::id(),
+                uptime: now.saturating_duration_since(self.started_at),
+            }),
+            worker,
+            restarts: self.restarts.clone(),
+            frontend_connected: self.frontend.is_some(),
+            source: "state region",
+            device: self.region.figures(),
         }
     }
 
@@ -387,6 +474,7 @@ impl Keeper {
                 info!("worker {} ready (generation {})", self.started, frame.id);
                 if let Some(w) = &mut self.worker {
                     w.ready = true;
+                    w.generation = Some(frame.id);
                 }
                 if self.session_end_owed || self.frontend.is_none() {
                     // The session it adopted is one that ended (while no
@@ -444,6 +532,13 @@ impl Keeper {
             w.child.id(),
             if w.ready { "" } else { " before it was ready" }
         );
+        self.restarts.record(Restart {
+            at: SystemTime::now(),
+            worker: self.started,
+            pid: w.child.id(),
+            generation: w.generation,
+            cause,
+        });
         self.schedule_restart(quick);
     }
 

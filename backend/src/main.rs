@@ -2,14 +2,18 @@
 
 mod cli;
 mod conn_store;
+mod control;
 mod error;
 mod event_loop;
 mod handler;
+mod json;
 mod keeper;
 mod listen;
 mod memory;
 mod persistence;
 mod signals;
+mod status;
+mod status_region;
 mod unix_host;
 mod worker_link;
 
@@ -17,15 +21,17 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Parser;
 use log::info;
 
-use crate::cli::Args;
+use crate::cli::{Args, Command, StatusArgs};
+use crate::control::ControlServer;
 use crate::error::BackendError;
-use crate::event_loop::{serve, serve_worker, ServeConfig};
+use crate::event_loop::{serve, serve_worker, ServeConfig, StatusServer};
 use crate::handler::DeviceConfig;
-use crate::keeper::Keeper;
+use crate::keeper::{Keeper, KeeperConfig};
 use crate::unix_host::UnixHost;
 use vsockd_persist::fdstore::well_known;
 use vsockd_persist::{Channel, FdSet, Geometry, Region};
@@ -57,6 +63,9 @@ fn main() -> ExitCode {
         eprintln!("vsockd: {msg}");
         return ExitCode::from(EXIT_USAGE);
     }
+    if let Some(Command::Status(status)) = &args.command {
+        return run_status(status);
+    }
     if args.print_capabilities {
         println!("{}", cli::CAPABILITIES_JSON);
         return ExitCode::SUCCESS;
@@ -76,6 +85,24 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line on stderr, whether or not logging goes there too.
             eprintln!("vsockd: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `vsockd status`: asks a running instance and prints its answer.
+fn run_status(args: &StatusArgs) -> ExitCode {
+    let answer = args
+        .control_path()
+        .map_err(|e| e.to_string())
+        .and_then(|path| control::request_status(&path, args.json).map_err(|e| e.to_string()));
+    match answer {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vsockd: status: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -111,15 +138,29 @@ fn listeners(args: &Args) -> Result<(UnixListener, UnixListener, RemoveOnDrop), 
     Ok((vhost_listener, host_listener, cleanup))
 }
 
+/// The control socket's server, if the arguments give it a path.
+fn control_server(args: &Args) -> Result<Option<ControlServer>, BackendError> {
+    let Some(path) = args.control_path() else {
+        return Ok(None);
+    };
+    let listener = listen::bind("control socket", &path)?;
+    Ok(Some(ControlServer::new(listener, path)?))
+}
+
+/// How status names the vhost-user socket.
+fn socket_label(args: &Args) -> String {
+    args.socket_path.as_ref().map_or_else(
+        || format!("fd {}", args.fd.unwrap_or(-1)),
+        |p| p.display().to_string(),
+    )
+}
+
 fn announce(args: &Args, mode: &str) {
     info!(
         "vsockd {} serving guest CID {} ({}), host socket {}, {mode}",
         env!("CARGO_PKG_VERSION"),
         args.guest_cid,
-        args.socket_path.as_ref().map_or_else(
-            || format!("fd {}", args.fd.unwrap_or(-1)),
-            |p| p.display().to_string()
-        ),
+        socket_label(args),
         args.uds_path
             .as_deref()
             .unwrap_or(std::path::Path::new(""))
@@ -142,16 +183,27 @@ fn run_alone(args: &Args) -> Result<(), BackendError> {
     let (vhost_listener, host_listener, _cleanup) = listeners(args)?;
     let uds_path = args.uds_path.clone().unwrap_or_default();
     let host = UnixHost::new(host_listener, uds_path).map_err(BackendError::Epoll)?;
+    let status = control_server(args)?.map(|control| StatusServer {
+        control,
+        socket_label: socket_label(args),
+        started_at: Instant::now(),
+    });
     announce(args, "no keeper");
-    serve(vhost_listener, host, serve_config(args))
+    serve(vhost_listener, host, serve_config(args), status)
 }
 
 /// The default: a keeper that runs the worker and restarts it.
 fn run_keeper(args: &Args) -> Result<(), BackendError> {
     let (vhost_listener, host_listener, _cleanup) = listeners(args)?;
+    let control = control_server(args)?;
     announce(args, &format!("keeper pid {}", std::process::id()));
-    let worker_args = std::env::args_os().skip(1).collect();
-    Keeper::new(vhost_listener, host_listener, worker_args)?.run()
+    let config = KeeperConfig {
+        worker_args: std::env::args_os().skip(1).collect(),
+        geometry: geometry(args),
+        control,
+        socket_label: socket_label(args),
+    };
+    Keeper::new(vhost_listener, host_listener, config)?.run()
 }
 
 /// The state region's geometry for these arguments.

@@ -72,6 +72,8 @@ fn help_explains_every_option() {
         "--queue-size",
         "--buf-alloc",
         "--log-level",
+        "--control-socket",
+        "status",
     ] {
         assert!(text.contains(flag), "help lacks {flag}");
     }
@@ -219,10 +221,95 @@ fn sigterm_exits_cleanly_and_removes_the_sockets() {
                 .unwrap(),
         );
         wait_for_socket(&h, &mut child.0);
+        let ctl = d.join("v.sock.ctl");
+        wait_for_socket(&ctl, &mut child.0);
         // SAFETY: plain kill(2) on our own child.
         assert_eq!(unsafe { libc::kill(child.0.id() as i32, sig) }, 0);
         let status = child.0.wait().unwrap();
         assert_eq!(status.code(), Some(0), "signal {sig}: clean exit");
-        assert!(!v.exists() && !h.exists(), "signal {sig}: sockets removed");
+        assert!(
+            !v.exists() && !h.exists() && !ctl.exists(),
+            "signal {sig}: sockets removed"
+        );
+    }
+}
+
+#[test]
+fn status_of_nothing_running_is_one_line_and_exit_1() {
+    let d = tmpdir("status-none");
+    let v = d.join("v.sock");
+    let out = vsockd()
+        .args(["status", "--socket-path"])
+        .arg(&v)
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, 1, &format!("{}.ctl", v.display()));
+    assert!(out.stdout.is_empty());
+    // A stale socket (its process died) is no better.
+    let ctl = d.join("stale.ctl");
+    drop(UnixListener::bind(&ctl).unwrap());
+    let out = vsockd()
+        .args(["status", "--json", "--control-socket"])
+        .arg(&ctl)
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, 1, "stale.ctl");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused"));
+}
+
+#[test]
+fn status_needs_exactly_one_path() {
+    let out = vsockd().arg("status").output().unwrap();
+    assert_one_line_error(&out, 2, "--socket-path or --control-socket");
+    let out = vsockd()
+        .args(["status", "--socket-path", "/a", "--control-socket", "/b"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, 2, "--control-socket");
+}
+
+#[test]
+fn status_of_a_running_instance_without_a_vmm() {
+    let d = tmpdir("status-idle");
+    let (v, h, ctl) = (d.join("v.sock"), d.join("h.sock"), d.join("other.ctl"));
+    let mut child = KillOnDrop(
+        vsockd()
+            .arg("--socket-path")
+            .arg(&v)
+            .arg("--uds-path")
+            .arg(&h)
+            .arg("--control-socket")
+            .arg(&ctl)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_socket(&ctl, &mut child.0);
+    assert!(
+        !d.join("v.sock.ctl").exists(),
+        "--control-socket replaces the default"
+    );
+    let out = vsockd()
+        .args(["status", "--control-socket"])
+        .arg(&ctl)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let keeper = format!("keeper.pid: {}", child.0.id());
+    for want in [
+        &format!("socket: {}", v.display()),
+        "mode: keeper",
+        keeper.as_str(),
+        "restarts.total: 0",
+        "frontend.connected: false",
+        "connections.total: 0",
+        "queues.rx.size: 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == want),
+            "{want:?} missing in\n{text}"
+        );
     }
 }

@@ -45,6 +45,7 @@ use crate::persistence::{FdSlot, Persistence};
 use crate::unix_host::UnixHost;
 
 mod adopt;
+mod status;
 
 /// Queue indices (virtio 1.2, 5.10.2).
 pub const RX_QUEUE: usize = 0;
