@@ -3,7 +3,7 @@
 //! `VSOCKD_E2E_BACKEND=vsockd|peer`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::{file_tail, Context, Error, Result};
@@ -113,6 +113,20 @@ impl Backend {
         cid: u32,
         level: Option<&str>,
     ) -> Result<Backend> {
+        Backend::start_with_args(kind, socket, uds, log, cid, level, &[])
+    }
+
+    /// `start_logging` with more arguments for the backend (vsockd's
+    /// `--no-keeper`, say).
+    pub fn start_with_args(
+        kind: BackendKind,
+        socket: &Path,
+        uds: &Path,
+        log: &Path,
+        cid: u32,
+        level: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Backend> {
         let bin = kind.binary();
         if !bin.is_file() {
             return Err(Error::new(format!(
@@ -160,6 +174,7 @@ impl Backend {
             }
         }
         let child = cmd
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf)
@@ -276,6 +291,19 @@ impl Backend {
                 _ => std::thread::sleep(Duration::from_millis(1)),
             }
         }
+    }
+
+    /// Runs `vsockd status` (`--json` if asked) for this backend's
+    /// vhost-user socket and returns what it printed and its exit status.
+    pub fn status(&self, json: bool) -> Result<Output> {
+        let mut cmd = Command::new(BackendKind::Vsockd.binary());
+        cmd.arg("status").arg("--socket-path").arg(&self.socket);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.stdin(Stdio::null())
+            .output()
+            .context(|| "cannot run vsockd status".to_string())
     }
 
     /// Stops the backend: SIGTERM, then SIGKILL after a second.

@@ -15,6 +15,7 @@
 //! `--ignored`). `VSOCKD_E2E_KEEP=1` keeps each test's directory and
 //! backend log.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
@@ -72,15 +73,21 @@ impl Rig {
     /// A rig whose backend logs at `level` (None: the default, debug):
     /// tests that time what they do want no per-packet logging.
     fn with_log_level(name: &str, o: VmOptions, level: Option<&str>) -> Rig {
+        Rig::with_args(name, o, level, &[])
+    }
+
+    /// A rig whose backend gets `extra` arguments.
+    fn with_args(name: &str, o: VmOptions, level: Option<&str>, extra: &[&str]) -> Rig {
         let dir = temp_dir(&format!("vmm-{name}")).unwrap_or_else(|e| panic!("{e}"));
         let kind = BackendKind::from_env().unwrap_or_else(|e| panic!("{name}: {e}"));
-        let backend = Backend::start_logging(
+        let backend = Backend::start_with_args(
             kind,
             &dir.join("vhost.sock"),
             &dir.join("vsock.sock"),
             &dir.join(format!("{}.log", kind.name())),
             CID,
             level,
+            extra,
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
         let vm = VirtualVm::start(backend.socket(), o).unwrap_or_else(|e| {
@@ -1673,6 +1680,391 @@ fn worker_killed_between_requests_the_device_carries_on() {
     rig.check_pair(&g, &h, 60, "after the pause");
     rig.ok(g.close(), "close");
     rig.assert_clean();
+}
+
+/// `vsockd status` as a map of its `key: value` lines.
+fn status_lines(rig: &Rig) -> Result<BTreeMap<String, String>, String> {
+    let out = rig
+        .backend
+        .status(false)
+        .map_err(|e| format!("vsockd status: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "vsockd status failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let mut map = BTreeMap::new();
+    for line in text.lines() {
+        let (k, v) = line
+            .split_once(": ")
+            .ok_or_else(|| format!("not a key: value line: {line:?}"))?;
+        if map.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(format!("key {k} twice"));
+        }
+    }
+    Ok(map)
+}
+
+/// `vsockd status --json`, parsed.
+fn status_json(rig: &Rig) -> Result<serde_json::Value, String> {
+    let out = rig
+        .backend
+        .status(true)
+        .map_err(|e| format!("vsockd status --json: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "vsockd status --json failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "status JSON does not parse: {e}\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// What a status test expects of the device.
+struct Expected {
+    connections: usize,
+    /// Per queue (rx, tx, event): its size, and the used index the
+    /// driver has read up to.
+    queues: [(u16, u16); 3],
+}
+
+/// Checks the device figures of a status against what the virtual VM
+/// observed: connection count, and per queue its size, that it runs, and
+/// that it stands where the driver saw its last used element (with
+/// nothing in flight, at rest).
+fn check_device_lines(m: &BTreeMap<String, String>, want: &Expected) -> Result<(), String> {
+    let get = |k: &str| m.get(k).map(String::as_str).unwrap_or("<missing>");
+    let mut wrong = Vec::new();
+    let mut expect = |k: String, v: String| {
+        if get(&k) != v {
+            wrong.push(format!("{k}: {} (expected {v})", get(&k)));
+        }
+    };
+    expect("frontend.connected".into(), "true".into());
+    expect("connections.total".into(), want.connections.to_string());
+    expect(
+        "connections.established".into(),
+        want.connections.to_string(),
+    );
+    for (name, &(size, used)) in ["rx", "tx", "event"].iter().zip(&want.queues) {
+        expect(format!("queues.{name}.size"), size.to_string());
+        expect(format!("queues.{name}.started"), "true".into());
+        expect(format!("queues.{name}.enabled"), "true".into());
+        expect(format!("queues.{name}.used_idx"), used.to_string());
+        expect(format!("queues.{name}.last_avail_idx"), used.to_string());
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("; "))
+    }
+}
+
+/// What the virtual VM expects now: `conns` open, every used element it
+/// has read.
+fn expected(rig: &Rig, conns: usize) -> Expected {
+    let stats = rig.vm().stats();
+    let size = rig.vm().options().queue_size;
+    Expected {
+        connections: conns,
+        queues: std::array::from_fn(|q| (size, stats.used[q] as u16)),
+    }
+}
+
+/// Runs `vsockd status` until `check` accepts it (the device settles after
+/// the last traffic: credit updates, a worker getting ready), or fails the
+/// test with the last status and what was wrong.
+fn settled_status(
+    rig: &Rig,
+    check: impl Fn(&BTreeMap<String, String>) -> Result<(), String>,
+) -> BTreeMap<String, String> {
+    let deadline = Instant::now() + T;
+    loop {
+        let verdict = status_lines(rig).and_then(|m| check(&m).map(|()| m));
+        match verdict {
+            Ok(m) => return m,
+            Err(e) if Instant::now() > deadline => {
+                let last = rig.backend.status(false).map(|o| o.stdout);
+                rig.fail(format!(
+                    "status never matched: {e}\nlast status:\n{}",
+                    last.map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .unwrap_or_default()
+                ))
+            }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// The JSON status says what the text said (the same instant, at rest).
+fn check_json_matches(
+    json: &serde_json::Value,
+    m: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let mut wrong = Vec::new();
+    for (key, text) in m {
+        // Times and restart lines are compared field by field below.
+        if key.ends_with("uptime_s") || key.starts_with("restarts.") && key != "restarts.total" {
+            continue;
+        }
+        let pointer = format!("/{}", key.replace('.', "/"));
+        let value = match json.pointer(&pointer) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Null) => "none".to_string(),
+            Some(v) => v.to_string(),
+            None => "<missing>".to_string(),
+        };
+        if &value != text {
+            wrong.push(format!("{key}: text {text}, JSON {value}"));
+        }
+    }
+    let recent = json
+        .pointer("/restarts/recent")
+        .and_then(|r| r.as_array())
+        .cloned()
+        .unwrap_or_default();
+    for r in &recent {
+        let n = r["number"].as_u64().unwrap_or(0);
+        let line = m.get(&format!("restarts.{n}")).cloned().unwrap_or_default();
+        let (pid, cause) = (&r["pid"], r["cause"].as_str().unwrap_or("<no cause>"));
+        let gen = match &r["generation"] {
+            serde_json::Value::Null => "none".to_string(),
+            g => g.to_string(),
+        };
+        let time = r["time"].as_str().unwrap_or("<no time>");
+        let want = format!("(pid {pid}, generation {gen}): {cause}");
+        if !line.starts_with(time) || !line.ends_with(&want) {
+            wrong.push(format!("restart {n}: text {line:?}, JSON {r}"));
+        }
+    }
+    let shown = m
+        .keys()
+        .filter(|k| k.starts_with("restarts.") && *k != "restarts.total");
+    if shown.count() != recent.len() {
+        wrong.push(format!("{} restarts in JSON", recent.len()));
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("; "))
+    }
+}
+
+/// `vsockd status` after two worker kills: the keeper's and the worker's
+/// pids, the generation, both restarts with their cause, the connections
+/// open, and each queue where the driver saw it; `--json` says the same.
+#[test]
+fn status_after_two_worker_kills() {
+    let rig = Rig::with(
+        "status-kills",
+        VmOptions {
+            queues: 3,
+            ..opts()
+        },
+    );
+    if rig.skip_on_peer("the peer has no vsockd status") {
+        return;
+    }
+    let pairs: Vec<(VStream, UnixStream)> =
+        (0..3u32).map(|i| rig.pair(7500 + i, i % 2 == 0)).collect();
+    for (i, (g, h)) in pairs.iter().enumerate() {
+        rig.check_pair(g, h, 70 + i as u64, "before the kills");
+    }
+    let mut killed = Vec::new();
+    for k in 0..2 {
+        killed.push(rig.ok(rig.backend.kill_worker(T), &format!("kill #{k}")));
+        // Each connection survives, and carries bytes again.
+        for (i, (g, h)) in pairs.iter().enumerate() {
+            rig.check_pair(g, h, 80 + 10 * k + i as u64, &format!("after kill #{k}"));
+        }
+    }
+    rig.ok(
+        rig.vm()
+            .wait_tx_idle(T)
+            .then_some(())
+            .ok_or("TX never idle"),
+        "wait",
+    );
+    let keeper = rig.backend.pid().unwrap_or(0);
+    let m = settled_status(&rig, |m| {
+        let worker = rig.backend.worker_pid().unwrap_or(0);
+        let mut wrong = Vec::new();
+        for (k, v) in [
+            ("mode", "keeper".to_string()),
+            ("keeper.pid", keeper.to_string()),
+            ("worker.pid", worker.to_string()),
+            ("worker.state", "ready".into()),
+            ("worker.generation", "3".into()),
+            ("restarts.total", "2".into()),
+            ("source", "state region".into()),
+        ] {
+            if m.get(k) != Some(&v) {
+                wrong.push(format!("{k}: {:?} (expected {v})", m.get(k)));
+            }
+        }
+        for (n, pid) in killed.iter().enumerate() {
+            let line = m
+                .get(&format!("restarts.{}", n + 1))
+                .cloned()
+                .unwrap_or_default();
+            let want = format!(
+                "worker {} (pid {pid}, generation {}): killed by signal 9 (SIGKILL)",
+                n + 1,
+                n + 1
+            );
+            if !line.ends_with(&want) {
+                wrong.push(format!("restart {}: {line:?} (expected …{want})", n + 1));
+            }
+        }
+        if !wrong.is_empty() {
+            return Err(wrong.join("; "));
+        }
+        check_device_lines(m, &expected(&rig, pairs.len()))
+    });
+    // Not hard-coded: traffic went both ways on both rings.
+    for q in ["rx", "tx"] {
+        let used: u16 = rig.ok(m[&format!("queues.{q}.used_idx")].parse(), "used_idx");
+        assert!(used > 0, "queue {q} never used: {m:?}");
+    }
+    assert_eq!(rig.vm().conn_count(), pairs.len(), "the driver's count");
+    // The JSON document, taken at rest too, says the same.
+    let deadline = Instant::now() + T;
+    loop {
+        let m = status_lines(&rig).unwrap_or_else(|e| rig.fail(e));
+        let json = status_json(&rig).unwrap_or_else(|e| rig.fail(e));
+        match check_json_matches(&json, &m) {
+            Ok(()) => {
+                assert_eq!(json["worker"]["generation"], 3);
+                assert_eq!(json["restarts"]["total"], 2);
+                break;
+            }
+            Err(e) if Instant::now() > deadline => rig.fail(format!("JSON differs: {e}")),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    drop(pairs);
+}
+
+/// `vsockd status` of a worker running alone: no keeper, no generation,
+/// no restarts, and the device's own figures.
+#[test]
+fn status_without_a_keeper() {
+    let rig = Rig::with_args(
+        "status-no-keeper",
+        VmOptions {
+            queues: 3,
+            ..opts()
+        },
+        None,
+        &["--no-keeper"],
+    );
+    if rig.skip_on_peer("the peer has no vsockd status") {
+        return;
+    }
+    let pairs: Vec<(VStream, UnixStream)> = (0..2u32).map(|i| rig.pair(7600 + i, i == 0)).collect();
+    for (i, (g, h)) in pairs.iter().enumerate() {
+        rig.check_pair(g, h, 90 + i as u64, "no keeper");
+    }
+    rig.ok(
+        rig.vm()
+            .wait_tx_idle(T)
+            .then_some(())
+            .ok_or("TX never idle"),
+        "wait",
+    );
+    let pid = rig.backend.pid().unwrap_or(0).to_string();
+    let m = settled_status(&rig, |m| {
+        for (k, v) in [
+            ("mode", "no-keeper"),
+            ("keeper.pid", "none"),
+            ("worker.pid", pid.as_str()),
+            ("worker.generation", "none"),
+            ("restarts.total", "0"),
+            ("source", "worker"),
+        ] {
+            if m.get(k).map(String::as_str) != Some(v) {
+                return Err(format!("{k}: {:?} (expected {v})", m.get(k)));
+            }
+        }
+        check_device_lines(m, &expected(&rig, pairs.len()))
+    });
+    let used: u16 = rig.ok(m["queues.tx.used_idx"].parse(), "used_idx");
+    assert!(used > 0, "{m:?}");
+    let json = status_json(&rig).unwrap_or_else(|e| rig.fail(e));
+    assert!(json["keeper"].is_null(), "{json}");
+    assert_eq!(
+        json["worker"]["pid"].as_u64(),
+        rig.backend.pid().map(u64::from)
+    );
+    assert_eq!(json["connections"]["total"], pairs.len());
+    drop(pairs);
+}
+
+/// Junk, an over-long line and a client that never sends on the control
+/// socket: each bad one gets an error line (or is left to its deadline),
+/// vsockd keeps serving status and the device; once it is stopped, status
+/// says so in one line and exits 1.
+#[test]
+fn status_control_socket_survives_junk_and_reports_a_stopped_instance() {
+    let mut rig = Rig::new("status-junk");
+    if rig.skip_on_peer("the peer has no vsockd status") {
+        return;
+    }
+    let ctl = PathBuf::from(format!("{}.ctl", rig.backend.socket().display()));
+    let silent = rig.ok(UnixStream::connect(&ctl), "silent client");
+    let answer = |bytes: &[u8]| -> String {
+        let mut c = rig.ok(UnixStream::connect(&ctl), "connect to the control socket");
+        set_timeouts(&c);
+        rig.ok(c.write_all(bytes), "send junk");
+        let mut text = String::new();
+        rig.ok(c.read_to_string(&mut text), "read the answer");
+        text
+    };
+    let a = answer(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        a.starts_with("error: unknown request \"GET / HTTP/1.1\"") && a.lines().count() == 1,
+        "{a:?}"
+    );
+    let a = answer(&[0xff; 4096]);
+    assert!(
+        a.starts_with("error: request longer than") && a.lines().count() == 1,
+        "{a:?}"
+    );
+    let a = answer(b"status json\n");
+    assert!(a.starts_with("ok\n{"), "{a:?}");
+    // The device and status still work, the silent client notwithstanding.
+    let (g, h) = rig.pair(7700, true);
+    rig.check_pair(&g, &h, 99, "after junk");
+    let m = status_lines(&rig).unwrap_or_else(|e| rig.fail(e));
+    assert_eq!(
+        m.get("connections.total").map(String::as_str),
+        Some("1"),
+        "{m:?}"
+    );
+    let log = std::fs::read_to_string(rig.backend.log_path()).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("unknown request")),
+        "junk is logged at warn"
+    );
+    drop((g, h, silent));
+    rig.assert_clean();
+    rig.backend.stop();
+    let out = rig.ok(rig.backend.status(false), "status of a stopped vsockd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err:?}");
+    assert!(err.contains(&ctl.display().to_string()), "{err:?}");
+    assert!(out.stdout.is_empty());
 }
 
 /// A small xorshift generator: kill instants differ from run to run (the
