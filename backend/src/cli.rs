@@ -20,7 +20,13 @@ pub const DEFAULT_BUF_ALLOC_BYTES: u32 = 1024 * 1024;
 /// reply is "OK <host-side port>\n", then bytes flow. Guest to host: a guest
 /// connect to CID 2 port P is bridged to the listener at "<uds-path>_P".
 #[derive(Debug, Parser)]
-#[command(version, about, long_about, args_conflicts_with_subcommands = true)]
+#[command(
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true
+)]
 pub struct Args {
     #[command(subcommand)]
     pub command: Option<Command>,

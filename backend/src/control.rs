@@ -192,6 +192,8 @@ pub struct ControlServer {
     timer: OwnedFd,
     clients: HashMap<u64, Client>,
     next_token: u64,
+    /// How long a client may stay ([`CLIENT_DEADLINE`]).
+    deadline: Duration,
 }
 
 impl ControlServer {
@@ -227,6 +229,7 @@ impl ControlServer {
             timer,
             clients: HashMap::new(),
             next_token: FIRST_CLIENT_TOKEN,
+            deadline: CLIENT_DEADLINE,
         };
         server.watch(
             epoll::ControlOptions::EPOLL_CTL_ADD,
@@ -419,22 +422,19 @@ impl ControlServer {
         let late: Vec<u64> = self
             .clients
             .iter()
-            .filter(|(_, c)| now >= c.accepted + CLIENT_DEADLINE)
+            .filter(|(_, c)| now >= c.accepted + self.deadline)
             .map(|(&t, _)| t)
             .collect();
         for token in late {
             self.close(
                 token,
-                Some(format!(
-                    "no complete exchange within {} s",
-                    CLIENT_DEADLINE.as_secs()
-                )),
+                Some(format!("no complete exchange within {:?}", self.deadline)),
             );
         }
         let next = self
             .clients
             .values()
-            .map(|c| (c.accepted + CLIENT_DEADLINE).saturating_duration_since(now))
+            .map(|c| (c.accepted + self.deadline).saturating_duration_since(now))
             .min();
         if let Err(e) = self.arm_timer(next) {
             warn!("control socket: cannot arm the deadline timer: {e}");
@@ -699,6 +699,38 @@ mod tests {
         for c in &mut silent[2..] {
             assert_eq!(c.read(&mut b).unwrap(), 0);
         }
+    }
+
+    /// The deadline timer wakes a poll of the server's descriptor by
+    /// itself: a silent client is closed with nothing else happening.
+    #[test]
+    fn the_timer_closes_a_silent_client() {
+        let (mut server, path) = server("timer");
+        server.deadline = Duration::from_millis(50);
+        let mut silent = UnixStream::connect(&path).unwrap();
+        silent.set_nonblocking(true).unwrap();
+        let t0 = Instant::now();
+        let mut b = [0u8; 1];
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: server.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll(2) over one local pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+            assert_eq!(n, 1, "the server's descriptor never became readable");
+            server.handle_events(&mut snapshot);
+            match silent.read(&mut b) {
+                Ok(0) => break,
+                Ok(_) => panic!("a silent client got an answer"),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "never closed");
+        }
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        assert!(server.clients.is_empty());
     }
 
     #[test]

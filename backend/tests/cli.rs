@@ -290,18 +290,35 @@ fn status_of_a_running_instance_without_a_vmm() {
         !d.join("v.sock.ctl").exists(),
         "--control-socket replaces the default"
     );
-    let out = vsockd()
-        .args(["status", "--control-socket"])
-        .arg(&ctl)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
+    // Until the first worker has formatted the state region, its figures
+    // are unknown, and status says why.
+    let t0 = Instant::now();
+    let text = loop {
+        let out = vsockd()
+            .args(["status", "--control-socket"])
+            .arg(&ctl)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        if text.contains("worker.state: ready\n") {
+            break text;
+        }
+        if text.contains("connections.total: none\n") {
+            assert!(text.contains("unknown_because: "), "{text}");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "never ready:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let keeper = format!("keeper.pid: {}", child.0.id());
     for want in [
         &format!("socket: {}", v.display()),
         "mode: keeper",
         keeper.as_str(),
+        "worker.generation: 1",
         "restarts.total: 0",
         "frontend.connected: false",
         "connections.total: 0",
