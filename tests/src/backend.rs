@@ -1,6 +1,7 @@
-//! Starting a vhost-user vsock backend for a test: vsockd itself or the
-//! peer implementation (vhost-device-vsock), chosen with
-//! `VSOCKD_E2E_BACKEND=vsockd|peer`.
+//! Starting a vhost-user vsock backend for a test: vsockd itself (with
+//! its keeper, or `--no-keeper`) or the peer implementation
+//! (vhost-device-vsock), chosen with
+//! `VSOCKD_E2E_BACKEND=vsockd|vsockd-no-keeper|peer`; and killing it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -8,12 +9,15 @@ use std::time::{Duration, Instant};
 
 use crate::error::{file_tail, Context, Error, Result};
 use crate::image::target_dir;
+use crate::pidfd::Pidfd;
 
 /// Which backend implementation to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
-    /// This project's `vsockd`.
+    /// This project's `vsockd`: a keeper and a worker.
     Vsockd,
+    /// `vsockd --no-keeper`: the worker alone.
+    VsockdNoKeeper,
     /// vhost-device-vsock, the reference implementation.
     Peer,
 }
@@ -22,19 +26,41 @@ impl BackendKind {
     /// From `VSOCKD_E2E_BACKEND` (default: vsockd).
     pub fn from_env() -> Result<BackendKind> {
         match std::env::var("VSOCKD_E2E_BACKEND").as_deref() {
-            Err(_) | Ok("") | Ok("vsockd") => Ok(BackendKind::Vsockd),
-            Ok("peer") => Ok(BackendKind::Peer),
-            Ok(other) => Err(Error::new(format!(
-                "VSOCKD_E2E_BACKEND={other:?}: expected vsockd or peer"
-            ))),
+            Err(_) | Ok("") => Ok(BackendKind::Vsockd),
+            Ok(name) => BackendKind::from_name(name).ok_or_else(|| {
+                Error::new(format!(
+                    "VSOCKD_E2E_BACKEND={name:?}: expected {}",
+                    BackendKind::NAMES
+                ))
+            }),
+        }
+    }
+
+    /// Every kind's name, for messages.
+    pub const NAMES: &'static str = "vsockd, vsockd-no-keeper or peer";
+
+    /// The kind called `name` (see [`BackendKind::name`]).
+    pub fn from_name(name: &str) -> Option<BackendKind> {
+        match name {
+            "vsockd" => Some(BackendKind::Vsockd),
+            "vsockd-no-keeper" => Some(BackendKind::VsockdNoKeeper),
+            "peer" => Some(BackendKind::Peer),
+            _ => None,
         }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Vsockd => "vsockd",
+            BackendKind::VsockdNoKeeper => "vsockd-no-keeper",
             BackendKind::Peer => "peer",
         }
+    }
+
+    /// Whether a process outlives the device's worker: only then can a
+    /// SIGKILL of the worker leave the device alive.
+    pub fn has_keeper(self) -> bool {
+        self == BackendKind::Vsockd
     }
 
     /// The binary: `$VSOCKD_BIN` or `<target>/release/vsockd`;
@@ -42,7 +68,7 @@ impl BackendKind {
     /// /work/peer/bin.
     pub fn binary(self) -> PathBuf {
         match self {
-            BackendKind::Vsockd => std::env::var_os("VSOCKD_BIN")
+            BackendKind::Vsockd | BackendKind::VsockdNoKeeper => std::env::var_os("VSOCKD_BIN")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| target_dir().join("release").join("vsockd")),
             BackendKind::Peer => std::env::var_os("VSOCKD_PEER_BIN")
@@ -134,7 +160,8 @@ impl Backend {
                 kind.name(),
                 bin.display(),
                 match kind {
-                    BackendKind::Vsockd => " (run `cargo build --release`, or set VSOCKD_BIN)",
+                    BackendKind::Vsockd | BackendKind::VsockdNoKeeper =>
+                        " (run `cargo build --release`, or set VSOCKD_BIN)",
                     BackendKind::Peer => " (set VSOCKD_PEER_BIN)",
                 }
             )));
@@ -144,7 +171,7 @@ impl Backend {
             std::fs::File::create(log).context(|| format!("cannot create {}", log.display()))?;
         let mut cmd = Command::new(&bin);
         match kind {
-            BackendKind::Vsockd => {
+            BackendKind::Vsockd | BackendKind::VsockdNoKeeper => {
                 let level = level.map(str::to_string).unwrap_or_else(|| {
                     std::env::var("VSOCKD_E2E_LOG_LEVEL").unwrap_or_else(|_| "debug".to_string())
                 });
@@ -156,6 +183,9 @@ impl Backend {
                     .arg(uds)
                     .arg("--log-level")
                     .arg(level);
+                if kind == BackendKind::VsockdNoKeeper {
+                    cmd.arg("--no-keeper");
+                }
             }
             BackendKind::Peer => {
                 cmd.arg("--vm").arg(format!(
@@ -269,7 +299,27 @@ impl Backend {
     /// Returns the pid killed.
     pub fn kill_worker(&self, within: Duration) -> Result<u32> {
         let deadline = Instant::now() + within;
-        let old = loop {
+        let kill = self.kill_worker_now(within)?;
+        loop {
+            match self.worker_pid() {
+                Some(p) if p != kill.pid => return Ok(kill.pid),
+                _ if Instant::now() > deadline => {
+                    return Err(Error::new(format!(
+                        "no new worker within {within:?} after killing {}",
+                        kill.pid
+                    )))
+                }
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// SIGKILLs vsockd's worker and returns as soon as it is dead, before
+    /// the keeper can have started the next one: from then on, whatever
+    /// the device serves was served by a new worker.
+    pub fn kill_worker_now(&self, within: Duration) -> Result<Killed> {
+        let deadline = Instant::now() + within;
+        let pid = loop {
             if let Some(p) = self.worker_pid() {
                 break p;
             }
@@ -278,19 +328,27 @@ impl Backend {
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        // SAFETY: signalling a process by pid; it is our child's child.
-        unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) };
-        loop {
-            match self.worker_pid() {
-                Some(p) if p != old => return Ok(old),
-                _ if Instant::now() > deadline => {
-                    return Err(Error::new(format!(
-                        "no new worker within {within:?} after killing {old}"
-                    )))
-                }
-                _ => std::thread::sleep(Duration::from_millis(1)),
-            }
+        let worker = Pidfd::open(pid).context(|| format!("pidfd_open of worker {pid}"))?;
+        kill_and_wait(&worker, deadline)
+    }
+
+    /// SIGKILLs the backend process itself (for vsockd, the keeper or the
+    /// lone worker) and returns as soon as it is dead; the process is
+    /// reaped, and the backend is no longer running.
+    pub fn kill_now(&mut self, within: Duration) -> Result<Killed> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| Error::new(format!("{} is not running", self.kind.name())))?;
+        let pid = child.id();
+        let killed = Pidfd::open(pid)
+            .context(|| format!("pidfd_open of {pid}"))
+            .and_then(|p| kill_and_wait(&p, Instant::now() + within));
+        if killed.is_err() {
+            let _ = child.kill();
         }
+        let _ = child.wait();
+        killed
     }
 
     /// Runs `vsockd status` (`--json` if asked) for this backend's
@@ -321,6 +379,32 @@ impl Backend {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A process killed by [`Backend::kill_worker_now`] or
+/// [`Backend::kill_now`].
+#[derive(Debug, Clone, Copy)]
+pub struct Killed {
+    pub pid: u32,
+    /// Just before the signal was sent.
+    pub at: Instant,
+}
+
+/// SIGKILLs the process of `p` and waits, until `deadline`, for it to be
+/// dead.
+fn kill_and_wait(p: &Pidfd, deadline: Instant) -> Result<Killed> {
+    let pid = p.pid();
+    let at = Instant::now();
+    p.signal(libc::SIGKILL)
+        .context(|| format!("SIGKILL to {pid}"))?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    match p.wait_exit(left) {
+        Ok(true) => Ok(Killed { pid, at }),
+        Ok(false) => Err(Error::new(format!(
+            "{pid} still alive {left:?} after SIGKILL"
+        ))),
+        Err(e) => Err(Error::new(format!("waiting for {pid} to die: {e}"))),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Chaos-test support: a stream checker that tells lost bytes from
-//! duplicated ones and carries on, and the per-run report.
+//! duplicated ones and carries on, the per-run report, and a small random
+//! generator for kill instants.
 //!
 //! A worker killed between a host socket call and the record that follows
 //! it may drop or repeat one chunk of a raw host stream (DESIGN.md, "Commit
@@ -292,17 +293,22 @@ fn send_reply(mut w: &UnixStream, seed: u64, until: SendUntil<'_>) -> io::Result
     Ok(sent)
 }
 
-/// A small xorshift generator for kill instants; seeded from the clock
-/// and printed, so a failing run can be studied.
+/// A small xorshift generator: kill instants differ from run to run (print
+/// the seed, to replay a failure).
 #[derive(Debug, Clone)]
-pub struct Rng(pub u64);
+pub struct Rng(u64);
 
 impl Rng {
+    /// Seeded from the clock.
     pub fn from_clock() -> Rng {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         Rng(t | 1)
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.0
     }
 
     /// A number in `0..n` (0 when `n` is 0).

@@ -760,7 +760,7 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
         return;
     }
     let mut rng = Rng::from_clock();
-    eprintln!("{}: random seed {}", rig.name, rng.0);
+    eprintln!("{}: random seed {}", rig.name, rng.seed());
     let guest = |args: String| -> GuestJob {
         let cmd = format!("vsock-probe --timeout {CHAOS_PROBE_TIMEOUT_SECS} {args}");
         rig.ok(rig.vm().spawn(&cmd), &format!("starting {cmd:?}"))

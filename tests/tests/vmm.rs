@@ -1,5 +1,5 @@
 //! Tests over the virtual VMM: the backend under test
-//! (`VSOCKD_E2E_BACKEND=vsockd|peer`, default vsockd) serves a virtio-vsock
+//! (`VSOCKD_E2E_BACKEND=vsockd|vsockd-no-keeper|peer`, default vsockd) serves a virtio-vsock
 //! device whose VMM and guest driver are this process, over real
 //! vhost-user and shared memory. No VM boots, so each test takes a fraction
 //! of a second to a few seconds.
@@ -23,12 +23,14 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vsockd_tests::chaos::Rng;
 use vsockd_tests::hybrid::{
     hybrid_connect_timeout, read_ok_line, read_verified, read_verified_at, read_verified_from,
     write_verified, write_verified_at, HostListener, ReadReport,
 };
 use vsockd_tests::pattern::{self, reply_seed, Verifier};
 use vsockd_tests::qemu::{keep_files, temp_dir};
+use vsockd_tests::recovery::{wait_for_service, Recovery};
 use vsockd_tests::vmm::packet::{
     Header, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH,
     TYPE_SEQPACKET,
@@ -125,6 +127,20 @@ impl Rig {
         } else {
             false
         }
+    }
+
+    /// True (and says so) when the backend has no keeper: the tests that
+    /// kill its worker need one.
+    fn skip_without_keeper(&self) -> bool {
+        if self.backend.kind().has_keeper() {
+            return false;
+        }
+        eprintln!(
+            "{}: SKIPPED with {}: no keeper, so a kill ends the device",
+            self.name,
+            self.backend.kind().name()
+        );
+        true
     }
 
     fn fail(&self, msg: impl std::fmt::Display) -> ! {
@@ -1651,7 +1667,7 @@ fn listener_closed_before_accept_resets_queued_connections() {
 #[test]
 fn worker_killed_between_requests_the_device_carries_on() {
     let mut rig = Rig::new("worker-kill-idle");
-    if rig.skip_on_peer("the peer has no keeper: its death ends the device") {
+    if rig.skip_without_keeper() {
         return;
     }
     let (g, h) = rig.pair(7300, true);
@@ -2067,26 +2083,6 @@ fn status_control_socket_survives_junk_and_reports_a_stopped_instance() {
     assert!(out.stdout.is_empty());
 }
 
-/// A small xorshift generator: kill instants differ from run to run (the
-/// seed is printed, to replay a failure).
-struct Rng(u64);
-
-impl Rng {
-    fn from_clock() -> Rng {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        Rng(t | 1)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
 /// Largest chunk a kill may drop or repeat on a raw host stream: what one
 /// socket call moves, whose record the kill prevented. Host to guest, one
 /// RX read (16 buffers of 4 KiB); guest to host, one write of bytes the
@@ -2259,11 +2255,11 @@ fn chaos_worker_killed_500_times_during_verified_streams() {
     const PAUSE_EVERY: u32 = 20;
     let level = std::env::var("VSOCKD_CHAOS_LOG").unwrap_or_else(|_| "info".into());
     let mut rig = Rig::with_log_level("chaos", opts(), Some(&level));
-    if rig.skip_on_peer("the peer has no keeper: its death ends the device") {
+    if rig.skip_without_keeper() {
         return;
     }
     let mut rng = Rng::from_clock();
-    eprintln!("chaos: random seed {}", rng.0);
+    eprintln!("chaos: random seed {}", rng.seed());
     let pairs: Vec<(VStream, UnixStream)> = (0..STREAMS)
         .map(|i| rig.pair(7600 + i, i % 2 == 0))
         .collect();
@@ -2297,10 +2293,6 @@ fn chaos_worker_killed_500_times_during_verified_streams() {
             }
             checks
         });
-        let used = || {
-            let s = vm.stats();
-            s.used[RX] + s.used[TX]
-        };
         for k in 0..kills {
             thread::sleep(Duration::from_micros(rng.below(8000)));
             if k % PAUSE_EVERY == PAUSE_EVERY - 1 {
@@ -2316,16 +2308,11 @@ fn chaos_worker_killed_500_times_during_verified_streams() {
                     &format!("stop and resume around kill #{k}"),
                 );
             } else {
-                let t0 = Instant::now();
-                rig_ref.ok(rig_ref.backend.kill_worker(T), &format!("kill #{k}"));
-                let u0 = used();
-                while used() == u0 && t0.elapsed() < T {
-                    thread::sleep(Duration::from_micros(100));
+                let killed = rig_ref.ok(rig_ref.backend.kill_worker_now(T), &format!("kill #{k}"));
+                match wait_for_service(vm, killed.at, T) {
+                    Recovery::Served(d) => report.recovery.push(d),
+                    other => rig_ref.fail(format!("after kill #{k}: {other}")),
                 }
-                if used() == u0 {
-                    rig_ref.fail(format!("nothing served within {T:?} after kill #{k}"));
-                }
-                report.recovery.push(t0.elapsed());
             }
             report.kills += 1;
         }
@@ -2422,11 +2409,11 @@ fn chaos_worker_killed_during_handshakes_and_driver_resets() {
     const ROUNDS: u32 = 40;
     let level = std::env::var("VSOCKD_CHAOS_LOG").unwrap_or_else(|_| "info".into());
     let mut rig = Rig::with_log_level("chaos-handshake", opts(), Some(&level));
-    if rig.skip_on_peer("the peer has no keeper: its death ends the device") {
+    if rig.skip_without_keeper() {
         return;
     }
     let mut rng = Rng::from_clock();
-    eprintln!("chaos-handshake: random seed {}", rng.0);
+    eprintln!("chaos-handshake: random seed {}", rng.seed());
     let vm = rig.vm();
     let mut kills = 0;
     for i in 0..ROUNDS {

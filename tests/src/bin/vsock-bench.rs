@@ -105,7 +105,8 @@ fn main() -> ExitCode {
                 k.name(),
                 k.binary().display(),
                 match k {
-                    BackendKind::Vsockd => "VSOCKD_BIN, or run cargo build --release",
+                    BackendKind::Vsockd | BackendKind::VsockdNoKeeper =>
+                        "VSOCKD_BIN, or run cargo build --release",
                     BackendKind::Peer => "VSOCKD_PEER_BIN, or use --backends vsockd",
                 }
             );

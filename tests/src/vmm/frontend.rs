@@ -15,6 +15,7 @@
 //! asks for one, so a refused request fails here.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -327,5 +328,19 @@ impl VhostFrontend {
             })?);
         }
         Ok(bases)
+    }
+
+    /// Whether the backend closed its end of the vhost-user socket (it
+    /// exited or dropped the session): a frontend learns it without
+    /// sending a request.
+    pub fn hung_up(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.fe.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call; timeout 0.
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        r > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 }

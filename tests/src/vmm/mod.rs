@@ -197,6 +197,24 @@ impl VirtualVm {
         Ok(())
     }
 
+    /// Whether the backend is gone: it closed the vhost-user connection
+    /// (its process died), or there is none. Like QEMU, the VMM does not
+    /// reset the guest for it: the device just stops serving.
+    pub fn backend_gone(&self) -> bool {
+        let fe = self.inner.fe.lock().unwrap_or_else(|e| e.into_inner());
+        fe.as_ref().map_or(true, VhostFrontend::hung_up)
+    }
+
+    /// Every ring's used index as the device last published it in guest
+    /// memory (not as far as the driver has read it).
+    pub fn device_used_indices(&self) -> Vec<u16> {
+        let st = self.inner.lock();
+        st.rings
+            .iter()
+            .map(|r| r.device_used_idx(&self.inner.ram))
+            .collect()
+    }
+
     /// Whether the rings are started.
     pub fn is_running(&self) -> bool {
         self.inner.lock().running
