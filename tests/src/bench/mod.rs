@@ -327,7 +327,7 @@ fn measure(kind: BackendKind, s: &Settings, dir: &Path) -> Result<Vec<(Row, f64)
             .map_err(|e| fail("idle connections", e))?;
         // Let the backend settle (deferred frees, credit updates).
         std::thread::sleep(Duration::from_millis(200));
-        let rss = procstat::rss_bytes(pid)?;
+        let rss = procstat::tree_rss_bytes(pid)?;
         rows.push((Row::IdleRss, rss as f64 / (1 << 20) as f64));
         drop(idle);
     }

@@ -1,4 +1,5 @@
-//! A process's CPU time and resident memory, from /proc.
+//! A process's CPU time and resident memory, from /proc, alone or with
+//! its descendants (vsockd's keeper and its worker).
 
 use std::io;
 
@@ -55,6 +56,61 @@ pub fn parse_vm_rss(status: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// `pid` and its descendants, parents first, from
+/// /proc/PID/task/TID/children.
+pub fn process_tree(pid: u32) -> io::Result<Vec<u32>> {
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        i += 1;
+        let tasks = match std::fs::read_dir(format!("/proc/{p}/task")) {
+            Ok(t) => t,
+            // It exited meanwhile; it has no children left.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && p != pid => continue,
+            Err(e) => return Err(e),
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            tree.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    Ok(tree)
+}
+
+/// CPU seconds of `pid` and its descendants alive now.
+pub fn tree_cpu_seconds(pid: u32) -> io::Result<f64> {
+    sum_over_tree(pid, cpu_seconds)
+}
+
+/// Resident bytes of `pid` and its descendants alive now, summed (pages
+/// two of them share count twice).
+pub fn tree_rss_bytes(pid: u32) -> io::Result<u64> {
+    sum_over_tree(pid, rss_bytes)
+}
+
+/// `read` of every process of the tree, summed; a descendant that exits
+/// meanwhile counts nothing.
+fn sum_over_tree<T: std::iter::Sum<T>>(
+    pid: u32,
+    read: impl Fn(u32) -> io::Result<T>,
+) -> io::Result<T> {
+    let mut parts = Vec::new();
+    for p in process_tree(pid)? {
+        match read(p) {
+            Ok(v) => parts.push(v),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && p != pid => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(parts.into_iter().sum())
+}
+
 /// Raises this process's soft open-file limit to the hard limit, so that
 /// a thousand connections (and the backends it starts, which inherit the
 /// limit) fit.
@@ -104,5 +160,21 @@ mod tests {
         assert_ne!(x, 1);
         assert!(cpu_seconds(me).expect("stat") >= 0.0);
         assert!(rss_bytes(me).expect("status") > 0);
+    }
+
+    #[test]
+    fn a_child_is_part_of_the_tree() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let me = std::process::id();
+        let tree = process_tree(me).expect("tree");
+        assert_eq!(tree[0], me);
+        assert!(tree.contains(&child.id()), "{tree:?}");
+        assert!(tree_rss_bytes(me).expect("rss") > rss_bytes(me).expect("own rss"));
+        assert!(tree_cpu_seconds(me).expect("cpu") >= 0.0);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::hybrid::{hybrid_connect, HostListener};
 use crate::vmm::{VStream, VirtualVm};
 
-use super::procstat::cpu_seconds;
+use super::procstat::tree_cpu_seconds;
 
 /// Limit for any single accept or connect in a workload.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -112,7 +112,8 @@ fn open_pairs(
 /// Moves `bytes` in all over `conns` parallel connections, writes of
 /// `write_size` bytes on the sending side and reads of `read_size` on the
 /// receiving side. Times from the first write to the last byte read, and
-/// samples the backend's CPU time (`backend_pid`) around it.
+/// samples the backend's CPU time (`backend_pid` and its descendants)
+/// around it.
 #[allow(clippy::too_many_arguments)]
 pub fn transfer(
     vm: &VirtualVm,
@@ -128,7 +129,7 @@ pub fn transfer(
     let pairs = open_pairs(vm, uds, port, conns, dir)?;
     let per = bytes / conns as u64;
     let chunk = vec![0x5au8; write_size];
-    let cpu0 = cpu_seconds(backend_pid)?;
+    let cpu0 = tree_cpu_seconds(backend_pid)?;
     let t0 = Instant::now();
     let results: Vec<io::Result<()>> = thread::scope(|s| {
         let mut handles = Vec::new();
@@ -152,7 +153,7 @@ pub fn transfer(
             .collect()
     });
     let elapsed = t0.elapsed();
-    let cpu1 = cpu_seconds(backend_pid)?;
+    let cpu1 = tree_cpu_seconds(backend_pid)?;
     for r in results {
         r?;
     }
