@@ -5,9 +5,13 @@
 //! plain Unix socketpair moving the same bytes.
 //!
 //! Every backend measurement starts a fresh backend process (logging at
-//! warn, so that logging is not what is measured) and a fresh virtual VM.
+//! warn, so that logging is not what is measured) and a fresh virtual VM;
+//! the crash workload (`crash`) starts its own.
 
 pub mod ceiling;
+pub mod crash;
+pub mod movers;
+pub mod probe;
 pub mod procstat;
 pub mod report;
 pub mod workload;
@@ -51,6 +55,10 @@ pub struct Settings {
     pub setups: usize,
     /// Idle connections held for the memory row.
     pub idle_conns: usize,
+    /// Connections open through the kills of the crash workload.
+    pub crash_conns: usize,
+    /// Kills per backend and round in the crash workload.
+    pub kills: usize,
     /// Which workloads run (all by default).
     pub workloads: Vec<Workload>,
 }
@@ -65,10 +73,12 @@ pub enum Workload {
     Latency,
     Setup,
     Idle,
+    /// SIGKILLs with many connections open: recovery and connections kept.
+    Crash,
 }
 
 impl Workload {
-    pub const NAMES: &'static str = "throughput, g2h, h2g, latency, setup, idle";
+    pub const NAMES: &'static str = "throughput, g2h, h2g, latency, setup, idle, crash";
 
     pub fn parse(s: &str) -> Option<Workload> {
         Some(match s {
@@ -78,6 +88,7 @@ impl Workload {
             "latency" => Workload::Latency,
             "setup" => Workload::Setup,
             "idle" => Workload::Idle,
+            "crash" => Workload::Crash,
             _ => return None,
         })
     }
@@ -88,6 +99,7 @@ impl Workload {
             Workload::Latency,
             Workload::Setup,
             Workload::Idle,
+            Workload::Crash,
         ]
     }
 }
@@ -95,6 +107,12 @@ impl Workload {
 impl Settings {
     fn runs(&self, w: Workload) -> bool {
         self.workloads.contains(&w)
+    }
+
+    /// Whether any workload runs on the backend started for the round
+    /// (all but the crash workload, which starts its own).
+    fn runs_steady(&self) -> bool {
+        self.workloads.iter().any(|w| *w != Workload::Crash)
     }
 
     fn runs_direction(&self, d: Direction) -> bool {
@@ -119,6 +137,8 @@ impl Default for Settings {
             round_trips: 2000,
             setups: 500,
             idle_conns: 1000,
+            crash_conns: 1000,
+            kills: 20,
             workloads: Workload::all(),
         }
     }
@@ -138,6 +158,14 @@ pub enum Row {
     CpuPerGib(Direction),
     /// Backend resident memory with the idle connections open, MiB.
     IdleRss,
+    /// Kill to first packet served, ms over a round's kills (infinite:
+    /// never).
+    RecoveryP50,
+    RecoveryP99,
+    /// Connections still working after a kill, the fewest of a round.
+    ConnsKept,
+    /// Connections reset by a kill, the most of a round.
+    ConnsReset,
 }
 
 impl Row {
@@ -156,6 +184,10 @@ impl Row {
             Row::CpuPerGib(GuestToHost),
             Row::CpuPerGib(HostToGuest),
             Row::IdleRss,
+            Row::RecoveryP50,
+            Row::RecoveryP99,
+            Row::ConnsKept,
+            Row::ConnsReset,
         ]
     }
 
@@ -180,11 +212,41 @@ impl Row {
             }
             Row::CpuPerGib(dir) => format!("backend CPU {} (s/GiB)", d(dir)),
             Row::IdleRss => format!("backend RSS, {} idle conns (MiB)", s.idle_conns),
+            Row::RecoveryP50 => {
+                format!("recovery after SIGKILL, {} conns, p50 (ms)", s.crash_conns)
+            }
+            Row::RecoveryP99 => {
+                format!("recovery after SIGKILL, {} conns, p99 (ms)", s.crash_conns)
+            }
+            Row::ConnsKept => format!("connections kept per kill (of {})", s.crash_conns),
+            Row::ConnsReset => format!("connections reset per kill (of {})", s.crash_conns),
         }
     }
 
     pub fn higher_is_better(&self) -> bool {
-        matches!(self, Row::Throughput(..) | Row::SetupRate(_))
+        matches!(
+            self,
+            Row::Throughput(..) | Row::SetupRate(_) | Row::ConnsKept
+        )
+    }
+
+    /// Whether backends are compared by ratio on this row. The crash rows
+    /// are not: a backend without a keeper never recovers and keeps no
+    /// connection, so a ratio says nothing the values do not.
+    pub fn has_ratio(&self) -> bool {
+        !self.is_crash()
+    }
+
+    pub fn is_crash(&self) -> bool {
+        matches!(
+            self,
+            Row::RecoveryP50 | Row::RecoveryP99 | Row::ConnsKept | Row::ConnsReset
+        )
+    }
+
+    /// Whether the values are counts (printed without decimals).
+    pub fn is_count(&self) -> bool {
+        matches!(self, Row::ConnsKept | Row::ConnsReset)
     }
 
     /// The socketpair measurement bounding this row, if any.
@@ -242,7 +304,7 @@ pub fn run(
             ));
             let dir = work_dir.join(format!("{}-{round}", kind.name()));
             std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
-            for (row, v) in measure(kind, s, &dir)? {
+            for (row, v) in measure(kind, s, &dir, &mut progress)? {
                 report.add(Subject::Backend(kind), Some(row), v);
             }
             let _ = std::fs::remove_dir_all(&dir);
@@ -252,25 +314,54 @@ pub fn run(
 }
 
 /// One backend, one round: every row.
-fn measure(kind: BackendKind, s: &Settings, dir: &Path) -> Result<Vec<(Row, f64)>> {
-    let backend = Backend::start_logging(
+fn measure(
+    kind: BackendKind,
+    s: &Settings,
+    dir: &Path,
+    progress: &mut impl FnMut(&str),
+) -> Result<Vec<(Row, f64)>> {
+    let mut rows = Vec::new();
+    if s.runs_steady() {
+        rows.extend(measure_steady(kind, s, dir)?);
+    }
+    if s.runs(Workload::Crash) {
+        let round =
+            crash::run(kind, s, dir).map_err(|e| Error::new(format!("crash workload: {e}")))?;
+        progress(&format!("{}: {round}", kind.name()));
+        rows.extend(round.rows());
+    }
+    Ok(rows)
+}
+
+/// Starts `kind` in `dir`, logging at warn.
+fn start_backend(kind: BackendKind, dir: &Path) -> Result<Backend> {
+    Backend::start_logging(
         kind,
         &dir.join("vhost.sock"),
         &dir.join("vsock.sock"),
         &dir.join(format!("{}.log", kind.name())),
         GUEST_CID,
         Some("warn"),
-    )?;
-    let pid = backend
-        .pid()
-        .ok_or_else(|| Error::new(format!("{} is not running", kind.name())))?;
-    let opts = VmOptions {
+    )
+}
+
+/// The virtual VM of every measurement.
+fn vm_options(s: &Settings) -> VmOptions {
+    VmOptions {
         rx_buf_size: s.rx_buf_bytes,
         tx_max_payload: s.write_bytes,
         io_timeout: Some(Duration::from_secs(60)),
         ..VmOptions::default()
-    };
-    let vm = VirtualVm::start(backend.socket(), opts)
+    }
+}
+
+/// Every row but the crash rows, on one backend and virtual VM.
+fn measure_steady(kind: BackendKind, s: &Settings, dir: &Path) -> Result<Vec<(Row, f64)>> {
+    let backend = start_backend(kind, dir)?;
+    let pid = backend
+        .pid()
+        .ok_or_else(|| Error::new(format!("{} is not running", kind.name())))?;
+    let vm = VirtualVm::start(backend.socket(), vm_options(s))
         .map_err(|e| backend.attach(Error::new(format!("virtual VM start: {e}"))))?;
     let uds = backend.uds().to_path_buf();
     let fail = |what: &str, e: std::io::Error| {

@@ -1,5 +1,11 @@
 //! Samples of every round, their medians, and the table vsock-bench
 //! prints (Markdown, ready for BENCHMARKS.md).
+//!
+//! Columns: the row, one per backend, then the ratio of two backends
+//! (vsockd against the peer), the ratio of vsockd to `vsockd --no-keeper`
+//! when both ran (what surviving a crash costs), which way is better,
+//! the socketpair ceiling and the first backend's share of it. A value
+//! that never came (a device that never served again) prints "never".
 
 use std::fmt::Write as _;
 
@@ -59,27 +65,55 @@ impl Report {
         median(&self.values(who, row))
     }
 
-    /// `a / b` for the median of two backends on a row.
+    /// `a / b` for the median of two backends on a row (none for a row
+    /// without ratios, or a value that is zero or never came).
     pub fn ratio(&self, row: Row, a: BackendKind, b: BackendKind) -> Option<f64> {
+        if !row.has_ratio() {
+            return None;
+        }
         let x = self.median(Subject::Backend(a), Some(row))?;
         let y = self.median(Subject::Backend(b), Some(row))?;
-        (y != 0.0).then(|| x / y)
+        (y != 0.0 && x.is_finite() && y.is_finite()).then(|| x / y)
     }
 
-    /// The Markdown table: one column per backend, then for two backends
-    /// the ratio first/second, then the ceiling and the first backend's
-    /// share of it.
+    /// Whether both vsockd and `vsockd --no-keeper` ran: the keeper's
+    /// ratio gets a column of its own.
+    fn keeper_pair(&self) -> Option<(BackendKind, BackendKind)> {
+        let (v, n) = (BackendKind::Vsockd, BackendKind::VsockdNoKeeper);
+        (self.kinds.contains(&v) && self.kinds.contains(&n)).then_some((v, n))
+    }
+
+    /// The two backends of the main ratio column: the first two measured,
+    /// leaving out `vsockd --no-keeper` when it has its own column.
+    fn main_pair(&self) -> Option<(BackendKind, BackendKind)> {
+        let own_column = self.keeper_pair().is_some();
+        let mut kinds = self
+            .kinds
+            .iter()
+            .copied()
+            .filter(|k| !(own_column && *k == BackendKind::VsockdNoKeeper));
+        Some((kinds.next()?, kinds.next()?))
+    }
+
+    /// The Markdown table (see the module's documentation).
     pub fn table(&self) -> String {
         let s = &self.settings;
         let mut out = String::new();
         let mut head = vec!["row".to_string()];
         head.extend(self.kinds.iter().map(|k| k.name().to_string()));
-        let pair = match self.kinds.as_slice() {
-            [a, b, ..] => Some((*a, *b)),
-            _ => None,
-        };
-        if let Some((a, b)) = pair {
-            head.push(format!("{}/{}", a.name(), b.name()));
+        let pairs: Vec<(BackendKind, BackendKind)> = self
+            .main_pair()
+            .into_iter()
+            .chain(self.keeper_pair())
+            .collect();
+        for (a, b) in &pairs {
+            head.push(if Some((*a, *b)) == self.keeper_pair() {
+                format!("{}/no-keeper", a.name())
+            } else {
+                format!("{}/{}", a.name(), b.name())
+            });
+        }
+        if !pairs.is_empty() {
             head.push("better".into());
         }
         let first = self.kinds.first().copied();
@@ -99,13 +133,18 @@ impl Report {
         for row in self.rows() {
             let mut cells = vec![row.label(s)];
             for k in &self.kinds {
-                cells.push(fmt_value(self.median(Subject::Backend(*k), Some(row))));
+                cells.push(fmt_row_value(
+                    row,
+                    self.median(Subject::Backend(*k), Some(row)),
+                ));
             }
-            if let Some((a, b)) = pair {
-                cells.push(match self.ratio(row, a, b) {
+            for (a, b) in &pairs {
+                cells.push(match self.ratio(row, *a, *b) {
                     Some(r) => format!("{r:.2}"),
                     None => "-".into(),
                 });
+            }
+            if !pairs.is_empty() {
                 cells.push(if row.higher_is_better() {
                     "higher".into()
                 } else {
@@ -119,7 +158,9 @@ impl Report {
             if let Some(f) = first {
                 let own = self.median(Subject::Backend(f), Some(row));
                 cells.push(match (own, ceiling) {
-                    (Some(o), Some(c)) if c > 0.0 => format!("{:.0}%", 100.0 * o / c),
+                    (Some(o), Some(c)) if c > 0.0 && o.is_finite() => {
+                        format!("{:.0}%", 100.0 * o / c)
+                    }
                     _ => "-".into(),
                 });
             }
@@ -150,6 +191,25 @@ impl Report {
         )
     }
 
+    /// What the crash rows are, for under the table, if they ran.
+    pub fn crash_note(&self) -> Option<String> {
+        let s = &self.settings;
+        self.rows().iter().any(Row::is_crash).then(|| {
+            format!(
+                "crash rows: {} SIGKILLs per backend and round (vsockd: its worker; a backend \
+                 without a keeper: its process, started again for each kill) with {} connections \
+                 open, {} of them moving data; recovery is from the signal to the first used \
+                 element published, \"never\" when the vhost-user socket closed or nothing came \
+                 within {:?}; kept is the fewest connections carrying a verified exchange after \
+                 a kill, reset the most that were reset",
+                s.kills,
+                s.crash_conns,
+                super::crash::MOVING_CONNS,
+                super::crash::RECOVERY_BOUND,
+            )
+        })
+    }
+
     /// Every round's values, for the record.
     pub fn raw(&self) -> String {
         let s = &self.settings;
@@ -158,7 +218,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "ceiling {d:?}: {}",
-                fmt_list(&self.values(Subject::Ceiling(d), None))
+                fmt_list(None, &self.values(Subject::Ceiling(d), None))
             );
         }
         for row in self.rows() {
@@ -168,7 +228,7 @@ impl Report {
                     "{} {}: {}",
                     k.name(),
                     row.label(s),
-                    fmt_list(&self.values(Subject::Backend(*k), Some(row)))
+                    fmt_list(row, &self.values(Subject::Backend(*k), Some(row)))
                 );
             }
         }
@@ -179,15 +239,25 @@ impl Report {
 fn fmt_value(v: Option<f64>) -> String {
     match v {
         None => "-".into(),
+        Some(x) if x.is_infinite() => "never".into(),
         Some(x) if x >= 100.0 => format!("{x:.0}"),
         Some(x) if x >= 10.0 => format!("{x:.1}"),
         Some(x) => format!("{x:.3}"),
     }
 }
 
-fn fmt_list(v: &[f64]) -> String {
+/// A value of `row`: counts without decimals (a median of two may end
+/// in .5).
+fn fmt_row_value(row: impl Into<Option<Row>>, v: Option<f64>) -> String {
+    match (row.into(), v) {
+        (Some(r), Some(x)) if r.is_count() && x.is_finite() => format!("{x}"),
+        _ => fmt_value(v),
+    }
+}
+
+fn fmt_list(row: impl Into<Option<Row>> + Copy, v: &[f64]) -> String {
     v.iter()
-        .map(|x| fmt_value(Some(*x)))
+        .map(|x| fmt_row_value(row, Some(*x)))
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -235,5 +305,85 @@ mod tests {
         assert!(p99.contains("| 0.25 | lower | - | - |"), "{p99}");
         // Only the rows measured.
         assert_eq!(t.lines().count(), 2 + 2);
+    }
+
+    #[test]
+    fn keeper_column_and_crash_rows() {
+        let s = Settings {
+            rounds: 1,
+            crash_conns: 40,
+            ..Settings::default()
+        };
+        let (v, n, p) = (
+            BackendKind::Vsockd,
+            BackendKind::VsockdNoKeeper,
+            BackendKind::Peer,
+        );
+        let mut r = Report::new(s, vec![v, n, p]);
+        let h8 = Row::Throughput(Direction::HostToGuest, 8);
+        for (k, x) in [(v, 950.0), (n, 1000.0), (p, 500.0)] {
+            r.add(Subject::Backend(k), Some(h8), x);
+        }
+        r.add(Subject::Ceiling(Direction::HostToGuest), None, 2000.0);
+        for (k, ms, kept) in [
+            (v, 4.5, 40.0),
+            (n, f64::INFINITY, 0.0),
+            (p, f64::INFINITY, 0.0),
+        ] {
+            r.add(Subject::Backend(k), Some(Row::RecoveryP99), ms);
+            r.add(Subject::Backend(k), Some(Row::ConnsKept), kept);
+        }
+        let t = r.table();
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "| row | vsockd | vsockd-no-keeper | peer | vsockd/peer | vsockd/no-keeper | better | \
+             socketpair ceiling | vsockd/ceiling |"
+        );
+        assert_eq!(
+            lines[2],
+            "| throughput host to guest, 8 conns (MiB/s) | 950 | 1000 | 500 | 1.90 | 0.95 | higher | \
+             2000 | 48% |"
+        );
+        assert_eq!(
+            lines[3],
+            "| recovery after SIGKILL, 40 conns, p99 (ms) | 4.500 | never | never | - | - | lower | - | - |"
+        );
+        assert_eq!(
+            lines[4],
+            "| connections kept per kill (of 40) | 40 | 0 | 0 | - | - | higher | - | - |"
+        );
+        assert!(r.crash_note().is_some());
+        assert!(r
+            .raw()
+            .contains("peer recovery after SIGKILL, 40 conns, p99 (ms): never"));
+    }
+
+    #[test]
+    fn keeper_ratio_alone_when_no_peer() {
+        let mut r = Report::new(
+            Settings::default(),
+            vec![BackendKind::Vsockd, BackendKind::VsockdNoKeeper],
+        );
+        r.add(
+            Subject::Backend(BackendKind::Vsockd),
+            Some(Row::IdleRss),
+            12.0,
+        );
+        r.add(
+            Subject::Backend(BackendKind::VsockdNoKeeper),
+            Some(Row::IdleRss),
+            8.0,
+        );
+        let t = r.table();
+        assert!(
+            t.starts_with(
+                "| row | vsockd | vsockd-no-keeper | vsockd/no-keeper | better | socketpair ceiling | \
+                 vsockd/ceiling |"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("| 12.0 | 8.000 | 1.50 | lower | - | - |"), "{t}");
+        assert_eq!(r.crash_note(), None);
     }
 }

@@ -80,7 +80,7 @@ pub(super) fn receive_count(mut r: impl Read, count: u64, chunk: usize) -> io::R
 /// Opens `conns` connections between the guest and the host: the guest
 /// connects to host port `port` (guest to host) or the host connects to
 /// guest port `port` (host to guest). Returns them in pairs.
-fn open_pairs(
+pub(super) fn open_pairs(
     vm: &VirtualVm,
     uds: &Path,
     port: u32,
@@ -220,10 +220,11 @@ pub fn round_trips(
     Ok(times)
 }
 
-/// The `p`-th percentile (0 to 100) of sorted samples, nearest rank.
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+/// The `p`-th percentile (0 to 100) of sorted samples, nearest rank
+/// (`T::default()` for none).
+pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
-        return Duration::ZERO;
+        return T::default();
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
@@ -315,7 +316,8 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), Duration::from_micros(99));
         assert_eq!(percentile(&v, 100.0), Duration::from_micros(100));
         assert_eq!(percentile(&v[..1], 99.0), Duration::from_micros(1));
-        assert_eq!(percentile(&[], 50.0), Duration::ZERO);
+        assert_eq!(percentile::<Duration>(&[], 50.0), Duration::ZERO);
+        assert_eq!(percentile(&[1.0, f64::INFINITY], 99.0), f64::INFINITY);
     }
 
     #[test]

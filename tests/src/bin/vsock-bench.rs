@@ -3,8 +3,9 @@
 //! ratios, with a plain Unix socketpair as the ceiling.
 //!
 //! ```text
-//! vsock-bench                       # vsockd against the peer, 5 rounds
+//! vsock-bench                       # vsockd, vsockd --no-keeper and the peer, 5 rounds
 //! vsock-bench --backends vsockd     # vsockd alone
+//! vsock-bench --workloads crash     # SIGKILLs with 1000 connections open
 //! ```
 //!
 //! Binaries: `$VSOCKD_BIN` (default target/release/vsockd) and
@@ -23,8 +24,9 @@ use vsockd_tests::BackendKind;
     about = "Compare vhost-user vsock backends over a virtual VMM"
 )]
 struct Args {
-    /// Backends to measure, comma-separated, in table order: vsockd, peer.
-    #[arg(long, value_delimiter = ',', default_value = "vsockd,peer", value_parser = parse_kind)]
+    /// Backends to measure, comma-separated, in table order: vsockd,
+    /// vsockd-no-keeper (vsockd --no-keeper), peer.
+    #[arg(long, value_delimiter = ',', default_value = "vsockd,vsockd-no-keeper,peer", value_parser = parse_kind)]
     backends: Vec<BackendKind>,
     /// Rounds; every row reports the median over them.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
@@ -44,8 +46,16 @@ struct Args {
     /// Idle connections held for the memory row.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(2..=20_000))]
     idle_conns: u64,
+    /// Connections open through the kills of the crash workload (half
+    /// opened by the guest, half by the host; 4 of them keep data moving).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(8..=20_000))]
+    crash_conns: u64,
+    /// SIGKILLs per backend and round in the crash workload: of vsockd's
+    /// worker, or of the whole process of a backend without a keeper.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    kills: u64,
     /// Workloads to run, comma-separated: throughput, g2h, h2g, latency,
-    /// setup, idle (default: all).
+    /// setup, idle, crash (default: all).
     #[arg(long, value_delimiter = ',', value_parser = parse_workload)]
     workloads: Vec<Workload>,
     /// Also print every round's values.
@@ -54,11 +64,8 @@ struct Args {
 }
 
 fn parse_kind(s: &str) -> Result<BackendKind, String> {
-    match s {
-        "vsockd" => Ok(BackendKind::Vsockd),
-        "peer" => Ok(BackendKind::Peer),
-        _ => Err(format!("unknown backend {s:?} (vsockd or peer)")),
-    }
+    BackendKind::from_name(s)
+        .ok_or_else(|| format!("unknown backend {s:?} ({})", BackendKind::NAMES))
 }
 
 fn parse_workload(s: &str) -> Result<Workload, String> {
@@ -96,8 +103,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut kinds = args.backends.clone();
-    kinds.dedup();
+    let mut kinds: Vec<BackendKind> = Vec::new();
+    for k in &args.backends {
+        if !kinds.contains(k) {
+            kinds.push(*k);
+        }
+    }
     for k in &kinds {
         if !k.binary().is_file() {
             eprintln!(
@@ -107,7 +118,7 @@ fn main() -> ExitCode {
                 match k {
                     BackendKind::Vsockd | BackendKind::VsockdNoKeeper =>
                         "VSOCKD_BIN, or run cargo build --release",
-                    BackendKind::Peer => "VSOCKD_PEER_BIN, or use --backends vsockd",
+                    BackendKind::Peer => "VSOCKD_PEER_BIN, or leave peer out of --backends",
                 }
             );
             return ExitCode::from(2);
@@ -123,6 +134,8 @@ fn main() -> ExitCode {
         round_trips: args.round_trips as usize,
         setups: args.setups as usize,
         idle_conns: args.idle_conns as usize,
+        crash_conns: args.crash_conns as usize,
+        kills: args.kills as usize,
         ..Settings::default()
     };
     if !args.workloads.is_empty() {
@@ -150,6 +163,9 @@ fn main() -> ExitCode {
         println!("{}: {}", k.name(), k.binary().display());
     }
     println!("{}.", report.ceiling_note());
+    if let Some(note) = report.crash_note() {
+        println!("{note}.");
+    }
     if args.raw {
         println!("\nEvery round:\n{}", report.raw());
     }
