@@ -1,7 +1,7 @@
 //! Tests over the virtual VMM: the backend under test
-//! (`VSOCKD_E2E_BACKEND=vsockd|vsockd-no-keeper|peer`, default vsockd) serves a virtio-vsock
-//! device whose VMM and guest driver are this process, over real
-//! vhost-user and shared memory. No VM boots, so each test takes a fraction
+//! (`VSOCKD_E2E_BACKEND=vsockd|vsockd-no-keeper|peer`, default vsockd)
+//! serves a virtio-vsock device whose VMM and guest driver are this
+//! process, over real vhost-user and shared memory. No VM boots, so each test takes a fraction
 //! of a second to a few seconds.
 //!
 //! Every stream is verified: bytes are generated from a seed and checked
