@@ -320,6 +320,27 @@ impl Rng {
     }
 }
 
+/// File, in a test's temporary directory, that every chaos run appends its
+/// report to: test output is captured, and the test command prints this
+/// file at the end.
+pub const REPORTS_FILE: &str = "chaos-reports.txt";
+
+/// Prints a chaos run's report line and appends it to `dir/REPORTS_FILE`.
+pub fn publish_report(dir: &std::path::Path, test: &str, line: &str) {
+    eprintln!("{test}: {line}");
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(REPORTS_FILE))
+        .and_then(|mut f| writeln!(f, "{test}: {line}"));
+    if let Err(e) = appended {
+        eprintln!(
+            "{test}: cannot append to {}: {e}",
+            dir.join(REPORTS_FILE).display()
+        );
+    }
+}
+
 /// Percentiles of durations.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {

@@ -712,7 +712,9 @@ fn worker_killed_the_device_carries_on() {
 #[test]
 fn chaos_worker_killed_30_times_with_a_real_guest() {
     use std::sync::atomic::AtomicBool;
-    use vsockd_tests::chaos::{host_chaos, percentile, ChaosReport, HostChaos, Rng, SendUntil};
+    use vsockd_tests::chaos::{
+        host_chaos, percentile, publish_report, ChaosReport, HostChaos, Rng, SendUntil,
+    };
     use vsockd_tests::stream::ResultLine;
 
     /// Long connections opened from each side.
@@ -1036,12 +1038,15 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
     report.bytes_duplicated += ping_repeated;
     report.gaps += ping_repeated as u32;
     ping_rtt.sort();
-    eprintln!(
-        "{}: {report}; recovery is kill to an echo through the guest, whose round trip \
-         without a kill took p50 {:.1} ms, max {:.1} ms",
-        rig.name,
-        percentile(&ping_rtt, 0.5).as_secs_f64() * 1e3,
-        ping_rtt.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    publish_report(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "chaos, QEMU guest",
+        &format!(
+            "{report}; recovery is kill to an echo through the guest, whose round trip \
+             without a kill took p50 {:.1} ms, max {:.1} ms",
+            percentile(&ping_rtt, 0.5).as_secs_f64() * 1e3,
+            ping_rtt.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+        ),
     );
     if to_guest > u64::from(kills) * CHUNK_TO_GUEST_BYTES {
         problems.push(format!(
@@ -1057,4 +1062,32 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
         rig.fail(problems.join("\n"));
     }
     rig.no_vhost_errors_in_qemu_log();
+
+    // `vsockd status` tells the same story: every kill a restart.
+    let out = rig.ok(rig.backend.status(false), "vsockd status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix(": "))
+            .unwrap_or("<missing>")
+    };
+    let restarts: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("restarts.") && !l.starts_with("restarts.total"))
+        .collect();
+    let gen = (kills + 1).to_string();
+    if !out.status.success()
+        || field("worker.generation") != gen
+        || field("restarts.total") != kills.to_string()
+        || field("frontend.connected") != "true"
+        || restarts.is_empty()
+        || !restarts.iter().all(|l| l.contains("SIGKILL"))
+        || field("queues.tx.used_idx").parse::<u16>().is_err()
+    {
+        rig.fail(format!(
+            "vsockd status after {kills} kills (exit {}):\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
 }
