@@ -703,12 +703,14 @@ fn worker_killed_the_device_carries_on() {
 // 11. Chaos with a real guest: the worker is SIGKILLed at random instants
 // (30 times, or `VSOCKD_QEMU_CHAOS_KILLS`), one kill in ten inside a VM
 // stop and resume, while 8 long connections (4 opened by the guest, 4 by
-// the host) move verified streams both ways, and a new connection each
-// way opens, exchanges and closes around every kill. Passes when QEMU
-// logs no vhost error, the guest sees no reset, every stream arrives
-// complete and in order apart from the chunk a kill may drop or repeat on
-// a raw host stream (DESIGN.md, "Commit points"; counted here, and at most
-// one chunk per kill), and the new connections around every kill work.
+// the host) move verified streams both ways, and in every round a new
+// connection each way opens after the kill before, carries a verified
+// stream each way through the round's kill, and closes; a last round
+// after the last kill. Passes when QEMU logs no vhost error, the guest
+// sees no reset, every stream arrives complete and in order apart from
+// the chunk a kill may drop or repeat on a raw host stream (DESIGN.md,
+// "Commit points"; counted here, and at most one chunk per kill), and
+// every new connection works.
 #[test]
 fn chaos_worker_killed_30_times_with_a_real_guest() {
     use std::sync::atomic::AtomicBool;
@@ -719,8 +721,6 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
 
     /// Long connections opened from each side.
     const LONG: u64 = 4;
-    /// Bytes the host sends on each short connection.
-    const CHURN_BYTES: u64 = 64 * 1024;
     /// Every this many kills, one lands inside a VM stop and resume.
     const PAUSE_EVERY: u32 = 10;
     /// Longest random wait between starting a round's short connections
@@ -752,7 +752,7 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
     assert!(
-        kills < 0x100,
+        kills < 0xff,
         "seed ranges hold fewer than 256 short connections"
     );
     let level = std::env::var("VSOCKD_CHAOS_LOG").unwrap_or_else(|_| "info".into());
@@ -775,8 +775,10 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
     let long_h_job = listening(guest(format!(
         "listen {LONG_H_PORT} --count {LONG} --seed-step 1 chaos {LONG_H_SEED}"
     )));
+    // One short connection each way per kill, and one after the last.
+    let churns = u64::from(kills) + 1;
     let churn_h_job = listening(guest(format!(
-        "listen {CHURN_H_PORT} --count {kills} --seed-step 1 chaos {CHURN_H_SEED}"
+        "listen {CHURN_H_PORT} --count {churns} --seed-step 1 chaos {CHURN_H_SEED}"
     )));
     let long_g_listener = rig.ok(HostListener::bind(rig.uds(), LONG_G_PORT), "bind");
     let churn_g_listener = rig.ok(HostListener::bind(rig.uds(), CHURN_G_PORT), "bind");
@@ -784,7 +786,7 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
         "connect 2 {LONG_G_PORT} --parallel {LONG} chaos {LONG_G_SEED}"
     ));
     let churn_g_job = guest(format!(
-        "connect 2 {CHURN_G_PORT} --repeat {kills} chaos {CHURN_G_SEED}"
+        "connect 2 {CHURN_G_PORT} --repeat {churns} chaos {CHURN_G_SEED}"
     ));
     let ping = rig.connect(PING_PORT);
     // Sends `byte` and reads its echo. The echo of the ping before may
@@ -807,6 +809,7 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
     let mut ping_rtt = Vec::new();
 
     let stop = AtomicBool::new(false);
+    let round_done: Vec<AtomicBool> = (0..churns).map(|_| AtomicBool::new(false)).collect();
     let mut report = ChaosReport::default();
     let rig = &rig;
     // (what, the host side of a connection) for every connection.
@@ -842,9 +845,13 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
             }));
         }
 
-        for k in 0..kills {
+        for k in 0..=kills {
             let what = format!("round {k}");
-            // A new connection each way, under way when the kill lands.
+            // A new connection each way, opened after the kill before
+            // (the guest opens its next one when the host half-closes the
+            // last), and kept sending until this round's kill is over.
+            // The last round has no kill: new connections after the last.
+            let done = &round_done[k as usize];
             let from_host = sc.spawn(|| {
                 let mut redone = 0;
                 loop {
@@ -853,9 +860,8 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
                             s.set_read_timeout(Some(T)).unwrap();
                             s.set_write_timeout(Some(T)).unwrap();
                             let line = format!("OK {local}\n");
-                            let until = SendUntil::Bytes(CHURN_BYTES);
-                            match host_chaos(&s, CHURN_H_SEED, u64::from(kills), Some(&line), until)
-                            {
+                            let until = SendUntil::Flag(done);
+                            match host_chaos(&s, CHURN_H_SEED, churns, Some(&line), until) {
                                 Ok(Some(c)) => return (c, redone),
                                 Ok(None) if redone < 3 => redone += 1,
                                 Ok(None) => rig.fail("host connections keep ending unused"),
@@ -882,8 +888,8 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
                 let mut redone = 0;
                 loop {
                     let s = rig.accept(&churn_g_listener, "short guest connection");
-                    let until = SendUntil::Bytes(CHURN_BYTES);
-                    match host_chaos(&s, CHURN_G_SEED, u64::from(kills), None, until) {
+                    let until = SendUntil::Flag(done);
+                    match host_chaos(&s, CHURN_G_SEED, churns, None, until) {
                         // The first of a connect a kill made reach the host twice.
                         Ok(None) if redone < 3 => redone += 1,
                         Ok(None) => rig.fail("guest connections keep ending unused"),
@@ -893,7 +899,9 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
                 }
             });
             thread::sleep(Duration::from_millis(rng.below(KILL_DELAY_MAX_MS)));
-            if k % PAUSE_EVERY == PAUSE_EVERY - 1 {
+            if k == kills {
+                done.store(true, Ordering::Relaxed);
+            } else if k % PAUSE_EVERY == PAUSE_EVERY - 1 {
                 rig.ok(rig.vm().stop(), &format!("{what}: QEMU stop"));
                 thread::sleep(Duration::from_millis(rng.below(50)));
                 rig.ok(
@@ -913,7 +921,10 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
                 ping_repeated += echo_once(&ping, 2 * k as u8 + 1, &what);
                 report.recovery.push(t0.elapsed());
             }
-            report.kills += 1;
+            if k < kills {
+                done.store(true, Ordering::Relaxed);
+                report.kills += 1;
+            }
             for (dir, t) in [("host", from_host), ("guest", from_guest)] {
                 let (c, redone) = t.join().expect("short connection thread");
                 report.handshakes_redone += redone;
@@ -965,7 +976,7 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
         }
         guest_sides.extend(results.into_iter().filter(|r| r.get("seed").is_some()));
     }
-    let expected = 2 * LONG as usize + 2 * kills as usize;
+    let expected = 2 * (LONG + churns) as usize;
     if guest_sides.len() != expected || host_sides.len() != expected {
         rig.fail(format!(
             "{} guest results and {} host sides for {expected} connections",
