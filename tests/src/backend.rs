@@ -300,17 +300,46 @@ impl Backend {
     pub fn kill_worker(&self, within: Duration) -> Result<u32> {
         let deadline = Instant::now() + within;
         let kill = self.kill_worker_now(within)?;
+        self.wait_for_worker_after(kill.pid, deadline)
+    }
+
+    /// Sends `signal` to vsockd's worker and waits until the keeper has
+    /// started the next one. Returns the pid signalled.
+    pub fn signal_worker(&self, signal: libc::c_int, within: Duration) -> Result<u32> {
+        let deadline = Instant::now() + within;
+        let pid = self.worker_pid_within(deadline)?;
+        let worker = Pidfd::open(pid).context(|| format!("pidfd_open of worker {pid}"))?;
+        worker
+            .signal(signal)
+            .context(|| format!("signal {signal} to worker {pid}"))?;
+        self.wait_for_worker_after(pid, deadline)
+    }
+
+    /// Waits until a worker other than `old` runs; returns `old`.
+    fn wait_for_worker_after(&self, old: u32, deadline: Instant) -> Result<u32> {
         loop {
             match self.worker_pid() {
-                Some(p) if p != kill.pid => return Ok(kill.pid),
+                Some(p) if p != old => return Ok(old),
                 _ if Instant::now() > deadline => {
                     return Err(Error::new(format!(
-                        "no new worker within {within:?} after killing {}",
-                        kill.pid
+                        "no new worker in time after worker {old} was signalled"
                     )))
                 }
                 _ => std::thread::sleep(Duration::from_millis(1)),
             }
+        }
+    }
+
+    /// The worker's pid, waiting for one until `deadline`.
+    fn worker_pid_within(&self, deadline: Instant) -> Result<u32> {
+        loop {
+            if let Some(p) = self.worker_pid() {
+                return Ok(p);
+            }
+            if Instant::now() > deadline {
+                return Err(Error::new("vsockd has no worker process"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -319,15 +348,7 @@ impl Backend {
     /// the device serves was served by a new worker.
     pub fn kill_worker_now(&self, within: Duration) -> Result<Killed> {
         let deadline = Instant::now() + within;
-        let pid = loop {
-            if let Some(p) = self.worker_pid() {
-                break p;
-            }
-            if Instant::now() > deadline {
-                return Err(Error::new("vsockd has no worker process to kill"));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
+        let pid = self.worker_pid_within(deadline)?;
         let worker = Pidfd::open(pid).context(|| format!("pidfd_open of worker {pid}"))?;
         kill_and_wait(&worker, deadline)
     }

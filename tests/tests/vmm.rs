@@ -1698,6 +1698,69 @@ fn worker_killed_between_requests_the_device_carries_on() {
     rig.assert_clean();
 }
 
+/// The worker ends other ways than SIGKILL: an abort (what a failed
+/// assertion in a library or a panic under `panic=abort` does), and an
+/// exit (a SIGTERM sent to the worker alone makes it exit in order). (A
+/// SIGSEGV sent with kill(2) is no fault: Rust's handler returns and the
+/// process carries on.) Each time the keeper starts a new worker and
+/// reports the cause, and a connection opened before and new ones carry
+/// on.
+#[test]
+fn worker_dies_of_abort_and_sigterm_the_device_carries_on() {
+    let mut rig = Rig::new("worker-deaths");
+    if rig.skip_without_keeper() {
+        return;
+    }
+    let (g, h) = rig.pair(7450, true);
+    rig.check_pair(&g, &h, 70, "before the deaths");
+    let deaths = [
+        (libc::SIGABRT, "killed by signal 6 (SIGABRT"),
+        (libc::SIGTERM, "exited with status 0"),
+    ];
+    for (i, (signal, name)) in deaths.into_iter().enumerate() {
+        let i = i as u32;
+        rig.ok(
+            rig.backend.signal_worker(signal, T),
+            &format!("signal {signal} to the worker"),
+        );
+        let what = format!("after the worker {name}");
+        rig.check_pair(&g, &h, 71 + u64::from(i), &what);
+        let (g2, h2) = rig.pair(7451 + i, i % 2 == 0);
+        rig.check_pair(
+            &g2,
+            &h2,
+            81 + u64::from(i),
+            &format!("new connection {what}"),
+        );
+        rig.ok(g2.close(), "close");
+    }
+    let status = settled_status(&rig, |m| {
+        let causes: Vec<&str> = (1..=deaths.len())
+            .filter_map(|n| m.get(&format!("restarts.{n}")).map(String::as_str))
+            .collect();
+        let want = deaths.map(|(_, name)| name);
+        let matched =
+            causes.len() == want.len() && causes.iter().zip(want).all(|(c, w)| c.contains(w));
+        if m.get("restarts.total") == Some(&want.len().to_string()) && matched {
+            Ok(())
+        } else {
+            Err(format!(
+                "restart causes {causes:?}, expected {want:?} in order"
+            ))
+        }
+    });
+    let log = std::fs::read_to_string(rig.backend.log_path()).unwrap_or_default();
+    for (_, name) in deaths {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("WARN") && l.contains(name) && l.contains("restarting")),
+            "the keeper logs the death ({name}) at warn:\n{log}\n{status:?}"
+        );
+    }
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
 /// `vsockd status` as a map of its `key: value` lines.
 fn status_lines(rig: &Rig) -> Result<BTreeMap<String, String>, String> {
     let out = rig
