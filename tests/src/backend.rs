@@ -106,12 +106,26 @@ impl Backend {
 
     /// Starts a given backend kind in `dir`.
     pub fn start_kind(kind: BackendKind, dir: &Path, cid: u32) -> Result<Backend> {
-        Backend::start_at(
+        Backend::start_in(kind, dir, cid, None, &[])
+    }
+
+    /// Starts a given backend kind in `dir` (sockets and log named as by
+    /// `start`), logging at `level` and with `extra` arguments.
+    pub fn start_in(
+        kind: BackendKind,
+        dir: &Path,
+        cid: u32,
+        level: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Backend> {
+        Backend::start_with_args(
             kind,
             &dir.join("vhost.sock"),
             &dir.join("vsock.sock"),
             &dir.join(format!("{}.log", kind.name())),
             cid,
+            level,
+            extra,
         )
     }
 

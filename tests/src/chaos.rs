@@ -170,6 +170,19 @@ impl StreamCheck {
     }
 }
 
+/// Whether a host CONNECT failed the way a kill in its handshake makes it
+/// fail: no `OK` line in time, or the connection closed or reset before
+/// it. The caller connects again and counts a handshake redone.
+pub fn handshake_cut_by_kill(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
 /// When the host side of a chaos connection stops sending.
 #[derive(Debug, Clone, Copy)]
 pub enum SendUntil<'a> {

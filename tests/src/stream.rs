@@ -328,6 +328,49 @@ fn verify_outcome(o: &mut Outcome, v: &Verifier) {
     o.first_bad = v.first_bad();
 }
 
+/// Sends with `send` on a clone of `sock`, in a thread that then shuts
+/// down writing, while `recv` reads `sock`; records in `o` the bytes sent
+/// and the first error (the read's before the write's). A failed read
+/// shuts the socket down both ways, to unblock the writer.
+fn duplex<S, R>(sock: &Sock, o: &mut Outcome, send: S, recv: R)
+where
+    S: FnOnce(&Sock) -> (u64, Option<io::Error>) + Send + 'static,
+    R: FnOnce() -> Option<io::Error>,
+{
+    let writer = match sock.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            o.error = Some(OpError::new("dup", &e));
+            return;
+        }
+    };
+    let t = thread::spawn(move || {
+        let (sent, err) = send(&writer);
+        if let Some(e) = err {
+            return (sent, Some(OpError::new("write", &e)));
+        }
+        match writer.shutdown(Shutdown::Write) {
+            Ok(()) => (sent, None),
+            Err(e) => (sent, Some(OpError::new("shutdown", &e))),
+        }
+    });
+    if let Some(e) = recv() {
+        o.error = Some(OpError::new("read", &e));
+        let _ = sock.shutdown(Shutdown::Both);
+    }
+    let (sent, werr) = t.join().unwrap_or((
+        0,
+        Some(OpError {
+            op: "write".into(),
+            errno: "PANIC".into(),
+        }),
+    ));
+    o.sent = sent;
+    if o.error.is_none() {
+        o.error = werr;
+    }
+}
+
 /// Runs `mode` on a connected socket and reports what happened.
 pub fn run_mode(sock: &Sock, mode: &Mode) -> Outcome {
     let mut o = Outcome::default();
@@ -368,42 +411,10 @@ pub fn run_mode(sock: &Sock, mode: &Mode) -> Outcome {
             o.ok = v.ok(bytes);
         }
         Mode::BidiV { bytes, seed } => {
-            let writer = match sock.try_clone() {
-                Ok(w) => w,
-                Err(e) => {
-                    o.error = Some(OpError::new("dup", &e));
-                    return o;
-                }
-            };
-            let t = thread::spawn(move || {
-                let (sent, err) = send_pattern(&writer, seed, bytes);
-                if let Some(e) = err {
-                    return (sent, Some(OpError::new("write", &e)));
-                }
-                match writer.shutdown(Shutdown::Write) {
-                    Ok(()) => (sent, None),
-                    Err(e) => (sent, Some(OpError::new("shutdown", &e))),
-                }
-            });
             let mut v = Verifier::new(reply_seed(seed));
-            let err = recv_verify(sock, &mut v, None);
+            let send = move |w: &Sock| send_pattern(w, seed, bytes);
+            duplex(sock, &mut o, send, || recv_verify(sock, &mut v, None));
             verify_outcome(&mut o, &v);
-            if let Some(e) = err {
-                o.error = Some(OpError::new("read", &e));
-                // Unblock the writer if it is stuck.
-                let _ = sock.shutdown(Shutdown::Both);
-            }
-            let (sent, werr) = t.join().unwrap_or((
-                0,
-                Some(OpError {
-                    op: "write".into(),
-                    errno: "PANIC".into(),
-                }),
-            ));
-            o.sent = sent;
-            if o.error.is_none() {
-                o.error = werr;
-            }
             o.ok = o.error.is_none() && o.sent == bytes && v.ok(bytes);
         }
         Mode::Echo => {
@@ -476,45 +487,17 @@ pub fn run_mode(sock: &Sock, mode: &Mode) -> Outcome {
             o.ok = o.sent == bytes;
         }
         Mode::Chaos { seed } => {
-            let writer = match sock.try_clone() {
-                Ok(w) => w,
-                Err(e) => {
-                    o.error = Some(OpError::new("dup", &e));
-                    return o;
-                }
-            };
             let stop = Arc::new(AtomicBool::new(false));
             let stop_writer = stop.clone();
-            let t = thread::spawn(move || {
-                let (sent, err) = send_pattern_until(&writer, seed, &stop_writer);
-                if let Some(e) = err {
-                    return (sent, Some(OpError::new("write", &e)));
-                }
-                match writer.shutdown(Shutdown::Write) {
-                    Ok(()) => (sent, None),
-                    Err(e) => (sent, Some(OpError::new("shutdown", &e))),
-                }
-            });
+            let send = move |w: &Sock| send_pattern_until(w, seed, &stop_writer);
             let mut c = StreamCheck::new(reply_seed(seed));
-            let err = recv_check(sock, &mut c);
-            stop.store(true, Ordering::Relaxed);
+            duplex(sock, &mut o, send, || {
+                let err = recv_check(sock, &mut c);
+                stop.store(true, Ordering::Relaxed);
+                err
+            });
             o.received = c.received;
             o.gaps = Some(GapReport::of(&c, seed));
-            if let Some(e) = err {
-                o.error = Some(OpError::new("read", &e));
-                let _ = sock.shutdown(Shutdown::Both);
-            }
-            let (sent, werr) = t.join().unwrap_or((
-                0,
-                Some(OpError {
-                    op: "write".into(),
-                    errno: "PANIC".into(),
-                }),
-            ));
-            o.sent = sent;
-            if o.error.is_none() {
-                o.error = werr;
-            }
             o.ok = o.error.is_none() && !c.corrupt;
         }
         Mode::ExpectError => {

@@ -10,7 +10,7 @@
 //! `VSOCKD_E2E_KEEP=1` keeps each test's directory (backend log, console
 //! log); `VSOCKD_E2E_TRACE=1` also records every vhost-user message there.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -60,15 +60,8 @@ impl Rig {
         let image = GuestImage::get().unwrap_or_else(|e| panic!("guest image: {e}"));
         let dir = temp_dir(name).unwrap_or_else(|e| panic!("{e}"));
         let kind = BackendKind::from_env().unwrap_or_else(|e| panic!("{name}: {e}"));
-        let backend = Backend::start_logging(
-            kind,
-            &dir.join("vhost.sock"),
-            &dir.join("vsock.sock"),
-            &dir.join(format!("{}.log", kind.name())),
-            CID,
-            level,
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let backend = Backend::start_in(kind, &dir, CID, level, &[])
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut rig = Rig {
             name: name.to_string(),
             dir,
@@ -715,7 +708,8 @@ fn worker_killed_the_device_carries_on() {
 fn chaos_worker_killed_30_times_with_a_real_guest() {
     use std::sync::atomic::AtomicBool;
     use vsockd_tests::chaos::{
-        host_chaos, percentile, publish_report, ChaosReport, HostChaos, Rng, SendUntil,
+        handshake_cut_by_kill, host_chaos, percentile, publish_report, ChaosReport, HostChaos, Rng,
+        SendUntil,
     };
     use vsockd_tests::stream::ResultLine;
 
@@ -868,18 +862,7 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
                                 Err(e) => rig.fail(format!("short host connection: {e}")),
                             }
                         }
-                        Err(e)
-                            if redone < 3
-                                && matches!(
-                                    e.kind(),
-                                    io::ErrorKind::WouldBlock
-                                        | io::ErrorKind::TimedOut
-                                        | io::ErrorKind::ConnectionReset
-                                        | io::ErrorKind::UnexpectedEof
-                                ) =>
-                        {
-                            redone += 1
-                        }
+                        Err(e) if redone < 3 && handshake_cut_by_kill(&e) => redone += 1,
                         Err(e) => rig.fail(format!("short host CONNECT: {e}")),
                     }
                 }

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vsockd_tests::chaos::{publish_report, Rng};
+use vsockd_tests::chaos::{handshake_cut_by_kill, publish_report, Rng};
 use vsockd_tests::hybrid::{
     hybrid_connect_timeout, read_ok_line, read_verified, read_verified_at, read_verified_from,
     write_verified, write_verified_at, HostListener, ReadReport,
@@ -82,16 +82,8 @@ impl Rig {
     fn with_args(name: &str, o: VmOptions, level: Option<&str>, extra: &[&str]) -> Rig {
         let dir = temp_dir(&format!("vmm-{name}")).unwrap_or_else(|e| panic!("{e}"));
         let kind = BackendKind::from_env().unwrap_or_else(|e| panic!("{name}: {e}"));
-        let backend = Backend::start_with_args(
-            kind,
-            &dir.join("vhost.sock"),
-            &dir.join("vsock.sock"),
-            &dir.join(format!("{}.log", kind.name())),
-            CID,
-            level,
-            extra,
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let backend = Backend::start_in(kind, &dir, CID, level, extra)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let vm = VirtualVm::start(backend.socket(), o).unwrap_or_else(|e| {
             panic!(
                 "{:?}",
@@ -2214,18 +2206,7 @@ fn churn_exchange(rig: &Rig, port: u32, guest_initiated: bool, n: u32) -> (Vec<F
                     ok_line = Some(format!("OK {local}\n"));
                     break h;
                 }
-                Err(e)
-                    if redone < 3
-                        && matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock
-                                | io::ErrorKind::TimedOut
-                                | io::ErrorKind::ConnectionReset
-                                | io::ErrorKind::UnexpectedEof
-                        ) =>
-                {
-                    redone += 1
-                }
+                Err(e) if redone < 3 && handshake_cut_by_kill(&e) => redone += 1,
                 Err(e) => rig.fail(what(&format!("host CONNECT: {e}"))),
             }
         };
