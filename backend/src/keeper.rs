@@ -207,6 +207,10 @@ impl Keeper {
         cmd.args(&self.worker_args)
             .arg("--worker-link")
             .arg(WORKER_LINK_FD.to_string());
+        if self.started > 0 {
+            // A crash point is for the first worker: the next one carries on.
+            cmd.env_remove(vsockd_device::crash_point::CRASH_POINT_ENV);
+        }
         // SAFETY: the closure runs in the child between fork and exec and
         // only makes async-signal-safe calls (dup2, fcntl, sigprocmask).
         unsafe {

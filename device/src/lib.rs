@@ -9,6 +9,7 @@
 
 mod conn;
 pub mod connect_line;
+pub mod crash_point;
 mod host;
 mod iov;
 mod muxer;

@@ -118,7 +118,20 @@ impl Backend {
         level: Option<&str>,
         extra: &[&str],
     ) -> Result<Backend> {
-        Backend::start_with_args(
+        Backend::start_in_env(kind, dir, cid, level, extra, &[])
+    }
+
+    /// `start_in` with environment variables for the backend
+    /// (`VSOCKD_CRASH_POINT`, say).
+    pub fn start_in_env(
+        kind: BackendKind,
+        dir: &Path,
+        cid: u32,
+        level: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Backend> {
+        Backend::spawn(
             kind,
             &dir.join("vhost.sock"),
             &dir.join("vsock.sock"),
@@ -126,6 +139,7 @@ impl Backend {
             cid,
             level,
             extra,
+            env,
         )
     }
 
@@ -166,6 +180,20 @@ impl Backend {
         cid: u32,
         level: Option<&str>,
         extra: &[&str],
+    ) -> Result<Backend> {
+        Backend::spawn(kind, socket, uds, log, cid, level, extra, &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        kind: BackendKind,
+        socket: &Path,
+        uds: &Path,
+        log: &Path,
+        cid: u32,
+        level: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Result<Backend> {
         let bin = kind.binary();
         if !bin.is_file() {
@@ -219,6 +247,7 @@ impl Backend {
         }
         let child = cmd
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf)
