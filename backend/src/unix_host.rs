@@ -54,16 +54,34 @@ impl Host for UnixHost {
         Ok(Some(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) })))
     }
 
-    fn connect(&mut self, port: u32) -> io::Result<UnixStream> {
+    fn open(&mut self, _port: u32) -> io::Result<UnixStream> {
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn connect(&mut self, stream: &UnixStream, port: u32) -> io::Result<()> {
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{port}"));
-        connect_nonblocking(Path::new(&path))
+        connect_nonblocking(stream, Path::new(&path))
     }
 }
 
 /// Connects without ever blocking the event loop: a listener whose backlog
-/// is full answers EAGAIN, which the guest sees as a refused connect.
-fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+/// is full answers EAGAIN, which the guest sees as a refused connect. A
+/// stream connected already (by a predecessor's call) answers EISCONN,
+/// which is success.
+fn connect_nonblocking(stream: &UnixStream, path: &Path) -> io::Result<()> {
     // SAFETY: `sockaddr_un` is plain data; all zeroes is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -77,29 +95,20 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
-    // SAFETY: plain socket(2) call; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: `addr` is a valid sockaddr_un of the given length.
     let rc = unsafe {
         libc::connect(
-            fd.as_raw_fd(),
+            stream.as_raw_fd(),
             (&addr as *const libc::sockaddr_un).cast(),
             mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
         )
     };
     if rc < 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EISCONN) {
+            return Ok(());
+        }
+        return Err(e);
     }
-    Ok(UnixStream::from(fd))
+    Ok(())
 }

@@ -4,14 +4,21 @@
 //! States:
 //!
 //! ```text
-//!   host client connects          guest REQUEST, host connect ok
+//!   host client connects                 guest REQUEST
 //!          |                                   |
-//!     AwaitLine --CONNECT <port>--> LocalInit  |
-//!                 (owe REQUEST)        |       |
-//!                          guest RESPONSE      |  (owe RESPONSE)
+//!          v                                   v
+//!     AwaitLine --CONNECT <port>--> LocalInit  Connecting
+//!                 (owe REQUEST)        |       |   host connect ok
+//!                          guest RESPONSE      |   (owe RESPONSE)
 //!                          (write "OK <p>")    v
 //!                                  +----> Established
 //! ```
+//!
+//! `Connecting` is recorded, with the host stream already kept, before the
+//! host connect is made: a successor that finds it repeats the connect on
+//! that same socket, which either completes it or finds it done (EISCONN),
+//! so a host service never sees one guest connect twice. A failed connect
+//! owes the guest an RST.
 //!
 //! A connection leaves the table when the guest sends RST, or right after we
 //! send one (owed on any error, on a guest protocol violation, or when both
@@ -37,7 +44,6 @@ use std::num::Wrapping;
 
 use log::{debug, warn};
 
-use crate::connect_line::LineParser;
 use crate::host::HostStream;
 use crate::iov::{write_fd, GuestIovs, IovWindow};
 use crate::packet::*;
@@ -45,7 +51,7 @@ use crate::parked::Parked;
 use crate::phase::ConnPhase;
 use crate::txbuf::TxBuf;
 use crate::ConnKey;
-use vsockd_persist::slot::{ConnRecord, SLOT_LINE_BYTES};
+use vsockd_persist::slot::ConnRecord;
 
 /// [`ConnRecord::state`] values.
 pub(crate) mod rec_state {
@@ -53,6 +59,7 @@ pub(crate) mod rec_state {
     pub const LOCAL_INIT: u8 = 2;
     pub const ESTABLISHED: u8 = 3;
     pub const CLOSING: u8 = 4;
+    pub const CONNECTING: u8 = 5;
 }
 
 /// [`ConnRecord::host_flags`] bits.
@@ -73,8 +80,12 @@ pub(crate) mod owe {
 /// Where a connection is in its life.
 #[derive(Debug)]
 pub(crate) enum State {
-    /// A host client connected; reading its `CONNECT <port>` line.
-    AwaitLine(LineParser),
+    /// A host client connected; its `CONNECT <port>` line is not complete
+    /// yet (what it sent of it waits in the socket).
+    AwaitLine,
+    /// The guest sent REQUEST; the connect to the host service is being
+    /// made.
+    Connecting,
     /// REQUEST owed or sent to the guest; waiting for RESPONSE.
     LocalInit,
     /// Data flows.
@@ -123,8 +134,6 @@ pub(crate) struct Connection<S> {
     peer_buf_alloc: u32,
     peer_fwd_cnt: Wrapping<u32>,
     tx_cnt: Wrapping<u32>,
-    /// Stream bytes that arrived with the CONNECT line.
-    rx_prefix: Vec<u8>,
     // Host stream readiness (edge-triggered) and ends.
     pub host_readable: bool,
     /// The host shut down its writing side (EPOLLRDHUP): EOF is ahead, so
@@ -168,7 +177,6 @@ impl<S: HostStream> Connection<S> {
             peer_buf_alloc: 0,
             peer_fwd_cnt: Wrapping(0),
             tx_cnt: Wrapping(0),
-            rx_prefix: Vec::new(),
             host_readable: false,
             host_rdhup: false,
             host_hup: false,
@@ -189,32 +197,34 @@ impl<S: HostStream> Connection<S> {
 
     /// A host client that has yet to send its CONNECT line.
     pub fn new_host_client(stream: S, buf_alloc: u32) -> Self {
-        Self::new(
-            stream,
-            State::AwaitLine(LineParser::default()),
-            ConnKey::default(),
-            buf_alloc,
-        )
+        Self::new(stream, State::AwaitLine, ConnKey::default(), buf_alloc)
     }
 
-    /// A guest connect that reached a host service: owes RESPONSE.
+    /// A guest connect, with the stream for its host connect not yet
+    /// connected.
     pub fn new_guest_initiated(
         stream: S,
         key: ConnKey,
         hdr: &PacketHeader,
         buf_alloc: u32,
     ) -> Self {
-        let mut c = Self::new(stream, State::Established, key, buf_alloc);
+        let mut c = Self::new(stream, State::Connecting, key, buf_alloc);
         c.update_peer_credit(hdr);
-        c.owed = owe::RESPONSE;
         c
     }
 
+    /// The host connect of a guest connect succeeded: owe RESPONSE.
+    pub fn host_connected(&mut self) {
+        if matches!(self.state, State::Connecting) {
+            self.state = State::Established;
+            self.owed |= owe::RESPONSE;
+        }
+    }
+
     /// The host client sent `CONNECT <port>`: owe the guest a REQUEST.
-    pub fn start_local_init(&mut self, key: ConnKey, prefix: Vec<u8>) {
+    pub fn start_local_init(&mut self, key: ConnKey) {
         self.key = key;
         self.state = State::LocalInit;
-        self.rx_prefix = prefix;
         self.owed |= owe::REQUEST;
         // More stream bytes may already wait in the socket.
         self.host_readable = true;
@@ -235,8 +245,8 @@ impl<S: HostStream> Connection<S> {
     /// Where the connection is in its life.
     pub fn phase(&self) -> ConnPhase {
         match self.state {
-            State::AwaitLine(_) => ConnPhase::Handshake,
-            State::LocalInit => ConnPhase::Connecting,
+            State::AwaitLine => ConnPhase::Handshake,
+            State::LocalInit | State::Connecting => ConnPhase::Connecting,
             State::Established => ConnPhase::Established,
             State::Closing => ConnPhase::Closing,
         }
@@ -260,7 +270,7 @@ impl<S: HostStream> Connection<S> {
 
     fn can_send_data(&self) -> bool {
         matches!(self.state, State::Established)
-            && (self.host_readable || !self.rx_prefix.is_empty())
+            && self.host_readable
             && !self.host_eof
             && self.peer_shutdown & SHUTDOWN_RCV == 0
             && self.peer_credit() > 0
@@ -542,18 +552,6 @@ impl<S: HostStream> Connection<S> {
                 .saturating_sub(HEADER_SIZE_BYTES)
                 .min(MAX_PAYLOAD_BYTES)
         };
-        if !self.rx_prefix.is_empty() {
-            let n = room(&bufs[0]).min(credit).min(self.rx_prefix.len());
-            bufs[0].write_at(HEADER_SIZE_BYTES, &self.rx_prefix[..n]);
-            self.rx_prefix.drain(..n);
-            if self.rx_prefix.is_empty() {
-                self.rx_prefix = Vec::new();
-            }
-            self.tx_cnt += Wrapping(n as u32);
-            self.put_rw_header(guest_cid, &bufs[0], n);
-            lens[0] = HEADER_SIZE_BYTES + n;
-            return Ok(1);
-        }
         // Gather the payload areas of as many buffers as credit allows.
         let mut sizes = [0usize; MAX_RX_BATCH];
         let mut gathered = 0;
@@ -653,27 +651,13 @@ impl<S: HostStream> Connection<S> {
                 },
             ..Default::default()
         };
-        let line: &[u8] = match &self.state {
-            State::AwaitLine(p) => {
-                r.state = rec_state::AWAIT_LINE;
-                p.partial()
-            }
-            State::LocalInit => {
-                r.state = rec_state::LOCAL_INIT;
-                &self.rx_prefix
-            }
-            State::Established => {
-                r.state = rec_state::ESTABLISHED;
-                &self.rx_prefix
-            }
-            State::Closing => {
-                r.state = rec_state::CLOSING;
-                &[]
-            }
+        r.state = match self.state {
+            State::AwaitLine => rec_state::AWAIT_LINE,
+            State::Connecting => rec_state::CONNECTING,
+            State::LocalInit => rec_state::LOCAL_INIT,
+            State::Established => rec_state::ESTABLISHED,
+            State::Closing => rec_state::CLOSING,
         };
-        let n = line.len().min(SLOT_LINE_BYTES);
-        r.line[..n].copy_from_slice(&line[..n]);
-        r.line_len = n as u8;
         r
     }
 
@@ -686,11 +670,9 @@ impl<S: HostStream> Connection<S> {
     ///
     /// As [`Connection::use_shared_buffer`].
     pub unsafe fn from_record(rec: &ConnRecord, stream: S, data: *mut u8) -> Result<Self, String> {
-        let line = &rec.line[..usize::from(rec.line_len).min(SLOT_LINE_BYTES)];
         let state = match rec.state {
-            rec_state::AWAIT_LINE => State::AwaitLine(
-                LineParser::resume(line).map_err(|e| format!("handshake line: {e}"))?,
-            ),
+            rec_state::AWAIT_LINE => State::AwaitLine,
+            rec_state::CONNECTING => State::Connecting,
             rec_state::LOCAL_INIT => State::LocalInit,
             rec_state::ESTABLISHED => State::Established,
             rec_state::CLOSING => State::Closing,
@@ -724,9 +706,6 @@ impl<S: HostStream> Connection<S> {
         c.shutdown_flags = u32::from(rec.shutdown_flags);
         c.host_eof = rec.host_flags & rec_host::EOF != 0;
         c.host_write_shut = rec.host_flags & rec_host::WRITE_SHUT != 0;
-        if !matches!(c.state, State::AwaitLine(_)) {
-            c.rx_prefix = line.to_vec();
-        }
         c.host_readable = !c.host_eof;
         c.uid = rec.uid;
         c.last_tx_counter = rec.last_tx_counter;
@@ -831,6 +810,7 @@ mod record_tests {
         let buf_alloc = 256 * 1024;
         let mut c =
             Connection::new_guest_initiated(ours.try_clone().unwrap(), key, &hdr, buf_alloc);
+        c.host_connected();
         let mut area = vec![0u8; crate::store::data_area_bytes(buf_alloc)];
         // SAFETY: `area` outlives both connections below, used by one at a time.
         unsafe { c.use_shared_buffer(area.as_mut_ptr()) };
@@ -889,22 +869,40 @@ mod record_tests {
     }
 
     #[test]
-    fn a_host_client_mid_line_is_kept_with_its_partial_line() {
+    fn handshake_states_are_kept_in_the_record() {
         let (ours, _host) = UnixStream::pair().unwrap();
-        let mut c = Connection::new_host_client(ours.try_clone().unwrap(), 4096);
-        if let State::AwaitLine(p) = &mut c.state {
-            assert_eq!(p.feed(b"CONNECT 12").unwrap(), None);
-        }
+        let c = Connection::new_host_client(ours.try_clone().unwrap(), 4096);
         let rec = c.record();
         assert_eq!(rec.state, rec_state::AWAIT_LINE);
         assert_eq!(ConnPhase::of_record(&rec), Some(ConnPhase::Handshake));
         assert_eq!(c.phase(), ConnPhase::Handshake);
         let mut area = vec![0u8; 4096];
         // SAFETY: `area` is large enough and outlives the connection.
-        let mut c2 = unsafe { Connection::from_record(&rec, ours, area.as_mut_ptr()) }.unwrap();
-        let State::AwaitLine(p) = &mut c2.state else {
-            panic!("state {:?}", c2.state);
+        let c2 =
+            unsafe { Connection::from_record(&rec, ours.try_clone().unwrap(), area.as_mut_ptr()) }
+                .unwrap();
+        assert!(matches!(c2.state, State::AwaitLine), "{:?}", c2.state);
+        drop(c2);
+
+        let key = ConnKey {
+            local_port: 80,
+            peer_port: 1000,
         };
-        assert_eq!(p.feed(b"34\nxy").unwrap(), Some((1234, 3)));
+        let mut h = PacketHeader::default();
+        h.set_buf_alloc(9999).set_fwd_cnt(5);
+        let mut g = Connection::new_guest_initiated(ours.try_clone().unwrap(), key, &h, 4096);
+        let rec = g.record();
+        assert_eq!(rec.state, rec_state::CONNECTING);
+        assert_eq!(ConnPhase::of_record(&rec), Some(ConnPhase::Connecting));
+        assert_eq!(rec.owed, 0, "no RESPONSE before the host connect");
+        // SAFETY: as above; `c2` is gone.
+        let mut g2 = unsafe { Connection::from_record(&rec, ours, area.as_mut_ptr()) }.unwrap();
+        assert!(matches!(g2.state, State::Connecting), "{:?}", g2.state);
+        assert_eq!(g2.peer_buf_alloc, 9999);
+        g2.host_connected();
+        g.host_connected();
+        assert!(matches!(g2.state, State::Established));
+        assert_eq!(g2.record().owed, owe::RESPONSE);
+        assert_eq!(g2.record(), g.record());
     }
 }

@@ -1,10 +1,11 @@
 //! The hybrid-vsock handshake line a host client sends first:
 //! `CONNECT <port>\n` (Firecracker's convention).
 //!
-//! The parser is fed whatever each read returned, so a line split across
-//! several writes works. Bytes after the newline are not part of the line:
-//! [`LineParser::feed`] reports where the line ended so the caller keeps the
-//! rest as stream data.
+//! The device reads the line without consuming it (`MSG_PEEK`) until it is
+//! complete, then takes exactly its bytes: bytes after the newline, even
+//! from the same write, stay in the socket as stream data, and a partial
+//! line stays there too, so a process that dies mid-line loses nothing.
+//! [`find_line`] tells from the bytes peeked whether the line is complete.
 
 use thiserror::Error;
 
@@ -23,53 +24,22 @@ pub enum LineError {
     Malformed(String),
 }
 
-/// Accumulates a handshake line across reads.
-#[derive(Debug, Default)]
-pub struct LineParser {
-    buf: Vec<u8>,
-}
-
-impl LineParser {
-    /// Feeds bytes just read. Returns `Ok(None)` while the line is
-    /// incomplete, or `Ok(Some((port, used)))` when it is complete, where
-    /// `used` bytes of `data` belonged to the line and the rest is stream data.
-    pub fn feed(&mut self, data: &[u8]) -> Result<Option<(u32, usize)>, LineError> {
-        match data.iter().position(|&b| b == b'\n') {
-            None => {
-                if self.buf.len() + data.len() >= MAX_LINE_BYTES {
-                    return Err(LineError::TooLong);
-                }
-                self.buf.extend_from_slice(data);
-                Ok(None)
-            }
-            Some(nl) => {
-                if self.buf.len() + nl + 1 > MAX_LINE_BYTES {
-                    return Err(LineError::TooLong);
-                }
-                self.buf.extend_from_slice(&data[..nl]);
-                let port = parse_line(&self.buf)?;
-                Ok(Some((port, nl + 1)))
-            }
-        }
+/// Looks for the line at the start of `peeked` (the first bytes the client
+/// sent). `Ok(None)`: no newline yet, more bytes are needed.
+/// `Ok(Some(n))`: the line is the first `n` bytes, newline included.
+pub fn find_line(peeked: &[u8]) -> Result<Option<usize>, LineError> {
+    match peeked.iter().position(|&b| b == b'\n') {
+        Some(nl) if nl < MAX_LINE_BYTES => Ok(Some(nl + 1)),
+        Some(_) => Err(LineError::TooLong),
+        None if peeked.len() >= MAX_LINE_BYTES => Err(LineError::TooLong),
+        None => Ok(None),
     }
 }
 
-impl LineParser {
-    /// The bytes of the line received so far.
-    pub fn partial(&self) -> &[u8] {
-        &self.buf
-    }
-
-    /// A parser that already received `partial` (a line cut short by a
-    /// process restart).
-    pub fn resume(partial: &[u8]) -> Result<Self, LineError> {
-        if partial.len() >= MAX_LINE_BYTES || partial.contains(&b'\n') {
-            return Err(LineError::TooLong);
-        }
-        Ok(LineParser {
-            buf: partial.to_vec(),
-        })
-    }
+/// The port a complete line (newline included, as [`find_line`] delimits
+/// it) asks for.
+pub fn line_port(line: &[u8]) -> Result<u32, LineError> {
+    parse_line(line.strip_suffix(b"\n").unwrap_or(line))
 }
 
 /// Parses `CONNECT <port>` (without the newline; a trailing `\r` is allowed).
@@ -88,24 +58,28 @@ fn parse_line(line: &[u8]) -> Result<u32, LineError> {
 mod tests {
     use super::*;
 
+    fn whole(bytes: &[u8]) -> Result<Option<(u32, usize)>, LineError> {
+        Ok(match find_line(bytes)? {
+            Some(n) => Some((line_port(&bytes[..n])?, n)),
+            None => None,
+        })
+    }
+
     #[test]
     fn whole_line() {
-        let mut p = LineParser::default();
-        assert_eq!(p.feed(b"CONNECT 1234\n"), Ok(Some((1234, 13))));
+        assert_eq!(whole(b"CONNECT 1234\n"), Ok(Some((1234, 13))));
     }
 
     #[test]
-    fn payload_after_newline_is_not_consumed() {
-        let mut p = LineParser::default();
-        assert_eq!(p.feed(b"CONNECT 52\nhello"), Ok(Some((52, 11))));
+    fn payload_after_newline_is_not_part_of_the_line() {
+        assert_eq!(whole(b"CONNECT 52\nhello"), Ok(Some((52, 11))));
     }
 
     #[test]
-    fn split_across_reads() {
-        let mut p = LineParser::default();
-        assert_eq!(p.feed(b"CONN"), Ok(None));
-        assert_eq!(p.feed(b"ECT 4"), Ok(None));
-        assert_eq!(p.feed(b"2\r\nxy"), Ok(Some((42, 3))));
+    fn incomplete_until_the_newline() {
+        assert_eq!(whole(b"CONN"), Ok(None));
+        assert_eq!(whole(b"CONNECT 4"), Ok(None));
+        assert_eq!(whole(b"CONNECT 42\r\nxy"), Ok(Some((42, 12))));
     }
 
     #[test]
@@ -119,10 +93,10 @@ mod tests {
             b"CONNECT 4294967296\n",
             b"CONNECT  5\n",
             b"\xff\xfe\n",
+            b"\n",
         ] {
-            let mut p = LineParser::default();
             assert!(
-                matches!(p.feed(line), Err(LineError::Malformed(_))),
+                matches!(whole(line), Err(LineError::Malformed(_))),
                 "{line:?}"
             );
         }
@@ -130,22 +104,22 @@ mod tests {
 
     #[test]
     fn max_port() {
-        let mut p = LineParser::default();
-        assert_eq!(p.feed(b"CONNECT 4294967295\n"), Ok(Some((u32::MAX, 19))));
+        assert_eq!(whole(b"CONNECT 4294967295\n"), Ok(Some((u32::MAX, 19))));
     }
 
     #[test]
     fn over_long_line_without_newline() {
-        let mut p = LineParser::default();
-        assert_eq!(p.feed(&[b'C'; 40]), Ok(None));
-        assert_eq!(p.feed(&[b'C'; 40]), Err(LineError::TooLong));
+        assert_eq!(find_line(&[b'C'; MAX_LINE_BYTES - 1]), Ok(None));
+        assert_eq!(find_line(&[b'C'; MAX_LINE_BYTES]), Err(LineError::TooLong));
     }
 
     #[test]
     fn over_long_line_with_newline() {
-        let mut p = LineParser::default();
         let mut line = vec![b'9'; MAX_LINE_BYTES];
         line.push(b'\n');
-        assert_eq!(p.feed(&line), Err(LineError::TooLong));
+        assert_eq!(find_line(&line), Err(LineError::TooLong));
+        let mut fits = vec![b'9'; MAX_LINE_BYTES - 1];
+        fits.push(b'\n');
+        assert_eq!(find_line(&fits), Ok(Some(MAX_LINE_BYTES)));
     }
 }

@@ -24,9 +24,16 @@ pub trait Host {
     /// Accepts one pending host client, non-blocking: `Ok(None)` when none.
     fn accept(&mut self) -> io::Result<Option<Self::Stream>>;
 
-    /// Connects to the host service for guest port `port`, without blocking.
-    /// An error means nobody listens there: the guest gets an RST.
-    fn connect(&mut self, port: u32) -> io::Result<Self::Stream>;
+    /// A stream for a guest's connect to port `port`, not connected yet.
+    /// The device keeps it for a successor before connecting it, so that
+    /// a connect is never made twice.
+    fn open(&mut self, port: u32) -> io::Result<Self::Stream>;
+
+    /// Connects `stream` (from [`Host::open`]) to the host service for
+    /// guest port `port`, without blocking. `Ok` also when it is connected
+    /// already (a successor repeating the call after a crash). An error
+    /// means nobody listens there: the guest gets an RST.
+    fn connect(&mut self, stream: &Self::Stream, port: u32) -> io::Result<()>;
 }
 
 impl HostStream for std::os::unix::net::UnixStream {

@@ -200,6 +200,26 @@ pub fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// `recv(2)` with `MSG_PEEK`: the bytes at the head of socket `fd`'s
+/// queue, left there. Retries on EINTR; never blocks.
+pub fn peek_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a valid, exclusively borrowed buffer of its length.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match cvt(n) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 /// `writev(2)` of plain byte slices, retrying on EINTR, with MSG_NOSIGNAL
 /// semantics provided by the process ignoring SIGPIPE.
 pub fn write_fd(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {

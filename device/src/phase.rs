@@ -10,7 +10,8 @@ use crate::conn::rec_state;
 pub enum ConnPhase {
     /// A host client connected and has not finished its `CONNECT` line.
     Handshake,
-    /// REQUEST owed or sent to the guest, RESPONSE not yet received.
+    /// REQUEST owed or sent to the guest, RESPONSE not yet received; or
+    /// the guest's REQUEST is being connected to the host service.
     Connecting,
     /// Data flows.
     Established,
@@ -24,7 +25,7 @@ impl ConnPhase {
     pub fn of_record(rec: &ConnRecord) -> Option<ConnPhase> {
         match rec.state {
             rec_state::AWAIT_LINE => Some(ConnPhase::Handshake),
-            rec_state::LOCAL_INIT => Some(ConnPhase::Connecting),
+            rec_state::LOCAL_INIT | rec_state::CONNECTING => Some(ConnPhase::Connecting),
             rec_state::ESTABLISHED => Some(ConnPhase::Established),
             rec_state::CLOSING => Some(ConnPhase::Closing),
             _ => None,

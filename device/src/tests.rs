@@ -26,6 +26,9 @@ struct TestHost {
     path: PathBuf,
     refused: HashSet<u32>,
     accepted: Accepted,
+    /// Host ends of streams `open` made, by the device's end's fd, until
+    /// `connect` makes them accepted.
+    unconnected: Vec<(RawFd, UnixStream)>,
 }
 
 impl Drop for TestHost {
@@ -49,14 +52,29 @@ impl Host for TestHost {
             Err(e) => Err(e),
         }
     }
-    fn connect(&mut self, port: u32) -> io::Result<UnixStream> {
+    fn open(&mut self, _port: u32) -> io::Result<UnixStream> {
+        let (a, b) = UnixStream::pair()?;
+        a.set_nonblocking(true)?;
+        self.unconnected.push((a.as_raw_fd(), b));
+        Ok(a)
+    }
+    fn connect(&mut self, stream: &UnixStream, port: u32) -> io::Result<()> {
         if self.refused.contains(&port) {
             return Err(io::ErrorKind::ConnectionRefused.into());
         }
-        let (a, b) = UnixStream::pair()?;
-        a.set_nonblocking(true)?;
-        self.accepted.borrow_mut().push((port, b));
-        Ok(a)
+        let i = self
+            .unconnected
+            .iter()
+            .position(|(fd, _)| *fd == stream.as_raw_fd());
+        match i {
+            Some(i) => {
+                let (_, b) = self.unconnected.swap_remove(i);
+                self.accepted.borrow_mut().push((port, b));
+                Ok(())
+            }
+            // Connected by an earlier call.
+            None => Ok(()),
+        }
     }
 }
 
@@ -101,6 +119,7 @@ impl Rig {
             path: path.clone(),
             refused: [404].into_iter().collect(),
             accepted: accepted.clone(),
+            unconnected: Vec::new(),
         };
         let cfg = MuxerConfig {
             guest_cid: GUEST_CID,

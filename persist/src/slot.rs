@@ -10,13 +10,9 @@
 
 use vm_memory::ByteValued;
 
-/// Bytes of the handshake line or stream prefix a slot keeps
-/// (`CONNECT <port>\n` is at most this long).
-pub const SLOT_LINE_BYTES: usize = 64;
-
 /// A connection's persisted state.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ConnRecord {
     /// Unique id of the connection (never reused in a region's life), also
     /// the fd-store id of its host stream; 0 in a free slot.
@@ -32,9 +28,7 @@ pub struct ConnRecord {
     pub local_shutdown: u8,
     pub shutdown_flags: u8,
     pub host_flags: u8,
-    /// Bytes of `line` in use.
-    pub line_len: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 2],
     pub local_port: u32,
     pub peer_port: u32,
     pub buf_alloc: u32,
@@ -47,44 +41,13 @@ pub struct ConnRecord {
     /// Stream offset (in `rx_cnt` terms) of the first byte held in the
     /// slot's data area; the area holds `[txbuf_start, rx_cnt)`.
     pub txbuf_start: u32,
-    /// The partial handshake line, or host bytes that came with it.
-    pub line: [u8; SLOT_LINE_BYTES],
 }
 
-// SAFETY: `repr(C)`: three u64, eight u8, ten u32 and a byte array, 136
+// SAFETY: `repr(C)`: three u64, six u8, a two-byte array and ten u32, 72
 // bytes with no padding; every byte pattern is valid.
 unsafe impl ByteValued for ConnRecord {}
 
-const _: () = assert!(std::mem::size_of::<ConnRecord>() == 136);
-
-impl Default for ConnRecord {
-    fn default() -> Self {
-        ConnRecord {
-            uid: 0,
-            last_tx_counter: 0,
-            rx_batch: 0,
-            state: 0,
-            owed: 0,
-            peer_shutdown: 0,
-            local_shutdown: 0,
-            shutdown_flags: 0,
-            host_flags: 0,
-            line_len: 0,
-            _pad: 0,
-            local_port: 0,
-            peer_port: 0,
-            buf_alloc: 0,
-            fwd_cnt: 0,
-            rx_cnt: 0,
-            last_fwd_cnt_sent: 0,
-            peer_buf_alloc: 0,
-            peer_fwd_cnt: 0,
-            tx_cnt: 0,
-            txbuf_start: 0,
-            line: [0; SLOT_LINE_BYTES],
-        }
-    }
-}
+const _: () = assert!(std::mem::size_of::<ConnRecord>() == 72);
 
 /// Where a TX chain's payload sits in its connection's stream, stored when
 /// the chain is applied: a chain resubmitted after a crash skips the bytes

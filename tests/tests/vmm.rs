@@ -80,9 +80,25 @@ impl Rig {
 
     /// A rig whose backend gets `extra` arguments.
     fn with_args(name: &str, o: VmOptions, level: Option<&str>, extra: &[&str]) -> Rig {
+        Rig::with_env(name, o, level, extra, &[])
+    }
+
+    /// A rig whose first worker kills itself at crash point `point`
+    /// (`VSOCKD_CRASH_POINT`; see the device's `crash_point` module).
+    fn with_crash_point(name: &str, point: &str) -> Rig {
+        Rig::with_env(name, opts(), None, &[], &[("VSOCKD_CRASH_POINT", point)])
+    }
+
+    fn with_env(
+        name: &str,
+        o: VmOptions,
+        level: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Rig {
         let dir = temp_dir(&format!("vmm-{name}")).unwrap_or_else(|e| panic!("{e}"));
         let kind = BackendKind::from_env().unwrap_or_else(|e| panic!("{name}: {e}"));
-        let backend = Backend::start_in(kind, &dir, CID, level, extra)
+        let backend = Backend::start_in_env(kind, &dir, CID, level, extra, env)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let vm = VirtualVm::start(backend.socket(), o).unwrap_or_else(|e| {
             panic!(
@@ -1749,6 +1765,82 @@ fn worker_dies_of_abort_and_sigterm_the_device_carries_on() {
             "the keeper logs the death ({name}) at warn:\n{log}\n{status:?}"
         );
     }
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
+/// Waits until `vsockd status` shows exactly one restart, the worker
+/// having been killed (the crash point fired, once).
+fn check_one_crash(rig: &Rig) {
+    settled_status(rig, |m| {
+        let total = m.get("restarts.total").map(String::as_str);
+        let cause = m.get("restarts.1").map(String::as_str).unwrap_or("");
+        if total == Some("1") && cause.contains("SIGKILL") {
+            Ok(())
+        } else {
+            Err(format!(
+                "restarts {total:?}, cause {cause:?}: expected one SIGKILL"
+            ))
+        }
+    });
+}
+
+/// The worker is killed right after the host connect for a guest's
+/// connect reached the host service, before its record says so. The next
+/// worker finishes that connect on the same kept socket: the service sees
+/// one connection, which carries bytes both ways. Regression test: the
+/// guest's REQUEST was handled again and the service saw a second
+/// connection, the first closed unused.
+#[test]
+fn killed_between_a_guest_connect_and_its_record_the_service_sees_it_once() {
+    let mut rig = Rig::with_crash_point("crash-guest-connect", "guest-connect");
+    if rig.skip_without_keeper() {
+        return;
+    }
+    let hl = rig.ok(HostListener::bind(rig.uds(), 7460), "bind host listener");
+    let g = rig.ok(rig.vm().connect(7460), "guest connect across the kill");
+    let h = rig.ok(hl.accept_timeout(T), "host accept");
+    set_timeouts(&h);
+    rig.check_pair(&g, &h, 90, "the connect that straddled the kill");
+    if let Ok(extra) = hl.accept_timeout(Duration::from_millis(500)) {
+        rig.fail(format!(
+            "the host service saw the guest's connect twice ({extra:?})"
+        ));
+    }
+    check_one_crash(&rig);
+    let (g2, h2) = rig.pair(7461, true);
+    rig.check_pair(&g2, &h2, 91, "a new connection");
+    rig.ok(g.close(), "close");
+    rig.ok(g2.close(), "close");
+    rig.assert_clean();
+}
+
+/// The worker is killed right after it read a host client's CONNECT line,
+/// before its record says so; stream bytes came in the same write. The
+/// next worker finds the line where it was read to: the client gets its
+/// OK and every byte after the line reaches the guest. Regression test:
+/// the line (and the bytes read with it) were lost and the client was
+/// closed unanswered.
+#[test]
+fn killed_right_after_reading_a_connect_line_the_client_gets_its_ok() {
+    let mut rig = Rig::with_crash_point("crash-line-read", "line-read");
+    if rig.skip_without_keeper() {
+        return;
+    }
+    let gl = rig.ok(rig.vm().listen(7470), "listen");
+    let mut h = rig.ok(UnixStream::connect(rig.uds()), "connect");
+    set_timeouts(&h);
+    let mut msg = b"CONNECT 7470\n".to_vec();
+    let mut data = vec![0u8; 64 * KIB as usize];
+    pattern::fill(92, 0, &mut data);
+    msg.extend_from_slice(&data);
+    rig.ok(h.write_all(&msg), "CONNECT line and data in one write");
+    rig.ok(read_ok_line(&mut h), "OK line after the kill");
+    let g = rig.ok(gl.accept(T), "guest accept");
+    let r = rig.ok(guest_read(&g, 92, 0, Some(64 * KIB)), "guest read");
+    rig.check_report(&r, 64 * KIB, false, "bytes after the CONNECT line");
+    check_one_crash(&rig);
+    rig.check_pair(&g, &h, 93, "after the prefix");
     rig.ok(g.close(), "close");
     rig.assert_clean();
 }

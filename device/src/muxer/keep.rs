@@ -30,6 +30,11 @@
 //! must be exactly `[fwd_cnt, txbuf_start)`; a connection where they are
 //! not is reset, and logged.
 //!
+//! Handshakes in the middle ([`Muxer::finish_handshakes`]): a host client
+//! whose `CONNECT` line was read into its slot's line area connects; a
+//! guest connect recorded as `Connecting` is connected on its kept stream
+//! (a connect already made answers EISCONN). Neither is ever made twice.
+//!
 //! Not kept: RSTs owed for unknown connections (a guest that sent to a
 //! dead connection during the crash sees its packet go unanswered, and its
 //! own timeout applies), and readiness, which is assumed (an extra read
@@ -42,6 +47,7 @@ use log::{debug, info, warn};
 
 use super::{Muxer, FIRST_LOCAL_PORT};
 use crate::conn::{Connection, State};
+use crate::connect_line::{line_port, MAX_LINE_BYTES};
 use crate::host::{Host, HostStream};
 use crate::iov::GuestIovs;
 use crate::packet::HEADER_SIZE_BYTES;
@@ -318,10 +324,42 @@ impl<H: Host> Muxer<H> {
         if let Some(p) = highest.and_then(|p| p.checked_add(1)) {
             self.next_local_port = p.max(FIRST_LOCAL_PORT);
         }
+        self.finish_handshakes();
         if adopted > 0 {
             info!("{adopted} connections adopted");
         }
         adopted
+    }
+
+    /// Carries on the handshakes the dead process was in the middle of:
+    /// a host client whose line it had read (its line area holds a
+    /// newline) connects, and a guest connect recorded as `Connecting` is
+    /// connected on its kept stream.
+    fn finish_handshakes(&mut self) {
+        for slot in 0..self.conns.len() {
+            let Some(conn) = &self.conns[slot] else {
+                continue;
+            };
+            match conn.state {
+                State::Connecting => self.finish_guest_connect(slot),
+                State::AwaitLine => {
+                    let Some(area) = self.line_area(slot) else {
+                        continue;
+                    };
+                    // SAFETY: the slot's data area, valid for
+                    // `MAX_LINE_BYTES` (`line_area` checks), and only read.
+                    let bytes = unsafe { std::slice::from_raw_parts(area, MAX_LINE_BYTES) };
+                    let Some(len) = bytes.iter().position(|&b| b == b'\n').map(|nl| nl + 1) else {
+                        // Nothing consumed: the line is still in the socket.
+                        continue;
+                    };
+                    let port = line_port(&bytes[..len]);
+                    debug!("slot {slot}: the CONNECT line was read before the restart");
+                    self.take_connect_line(slot, port);
+                }
+                _ => {}
+            }
+        }
     }
 
     fn insert_adopted(&mut self, slot: usize, conn: Connection<H::Stream>) -> io::Result<()> {
@@ -339,7 +377,7 @@ impl<H: Host> Muxer<H> {
             conn.stream.as_raw_fd(),
             ev,
         )?;
-        if !matches!(conn.state, State::AwaitLine(_)) {
+        if !matches!(conn.state, State::AwaitLine) {
             self.by_key.insert(conn.key, slot);
         }
         self.conns[slot] = Some(conn);

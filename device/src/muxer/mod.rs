@@ -28,9 +28,10 @@ use log::{debug, info, warn};
 use vm_memory::ByteValued;
 
 use crate::conn::{owe, Connection, State, MAX_RX_BATCH};
-use crate::connect_line::{LineError, MAX_LINE_BYTES};
+use crate::connect_line::{find_line, line_port, MAX_LINE_BYTES};
+use crate::crash_point;
 use crate::host::Host;
-use crate::iov::{read_fd, GuestIovs};
+use crate::iov::{peek_fd, read_fd, GuestIovs};
 use crate::packet::*;
 use crate::store::ConnStore;
 use crate::{ConnCounts, ConnKey, DeviceError};
@@ -206,6 +207,14 @@ impl<H: Host> Muxer<H> {
         };
         if let Some(k) = &mut self.keep {
             k.prepare(slot, &mut conn, self.cfg.buf_alloc);
+        }
+        if matches!(conn.state, State::AwaitLine) {
+            if let Some(area) = self.line_area(slot) {
+                // SAFETY: the slot's data area holds at least
+                // `MAX_LINE_BYTES` (`line_area` checks) and belongs to the
+                // connection being inserted, which has not used it yet.
+                unsafe { std::ptr::write_bytes(area, 0, MAX_LINE_BYTES) };
+            }
         }
         let events = epoll::Events::EPOLLIN
             | epoll::Events::EPOLLOUT
@@ -488,15 +497,14 @@ impl<H: Host> Muxer<H> {
         parked
     }
 
-    /// The guest connects to host port `key.local_port`.
+    /// The guest connects to host port `key.local_port`: the connection
+    /// is recorded, its stream kept and the REQUEST's chain counted as
+    /// applied before the host connect is made (see `conn`'s `Connecting`).
     fn guest_connect(&mut self, hdr: &PacketHeader, key: ConnKey, chain: Option<TxChain>) {
-        let stream = match self.host.connect(key.local_port) {
+        let stream = match self.host.open(key.local_port) {
             Ok(s) => s,
             Err(e) => {
-                debug!(
-                    "{key}: no host service for port {}: {e}: RST",
-                    key.local_port
-                );
+                warn!("{key}: cannot open a host stream: {e}: RST");
                 return self.orphan_rst(hdr);
             }
         };
@@ -504,16 +512,44 @@ impl<H: Host> Muxer<H> {
         match self.insert(conn) {
             Ok(slot) => {
                 self.by_key.insert(key, slot);
-                debug!("{key}: established (guest-initiated)");
                 let before = self.conn(slot).map(|c| (c.uid, c.rx_cnt()));
                 self.tx_applied(slot, chain, before, 0);
-                self.enqueue(slot);
+                self.finish_guest_connect(slot);
             }
             Err(e) => {
-                warn!("{key}: cannot poll the host stream: {e}: RST");
+                warn!("{key}: cannot take the connection: {e}: RST");
                 self.orphan_rst(hdr);
             }
         }
+    }
+
+    /// Makes the host connect of the guest connect in `slot`, recorded in
+    /// state `Connecting`: RESPONSE when it succeeds, RST when nobody
+    /// listens.
+    fn finish_guest_connect(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if !matches!(conn.state, State::Connecting) {
+            return;
+        }
+        let key = conn.key;
+        match self.host.connect(&conn.stream, key.local_port) {
+            Ok(()) => {
+                crash_point::hit("guest-connect");
+                conn.host_connected();
+                debug!("{key}: established (guest-initiated)");
+            }
+            Err(e) => {
+                debug!(
+                    "{key}: no host service for port {}: {e}: RST",
+                    key.local_port
+                );
+                self.reset_conn(slot);
+            }
+        }
+        self.commit(slot);
+        self.enqueue(slot);
     }
 
     /// Fills RX buffers, in order, with the packets owed to the guest:
@@ -633,7 +669,7 @@ impl<H: Host> Muxer<H> {
         if flags.contains(E::EPOLLHUP) {
             conn.host_hup = true;
         }
-        if matches!(conn.state, State::AwaitLine(_)) {
+        if matches!(conn.state, State::AwaitLine) {
             if readable {
                 self.read_connect_line(slot);
             }
@@ -659,54 +695,107 @@ impl<H: Host> Muxer<H> {
         self.enqueue(slot);
     }
 
-    /// Reads what a host client sent of its `CONNECT <port>` line, and
-    /// records how far it got.
+    /// Takes a host client's `CONNECT <port>` line once it is complete.
+    ///
+    /// The line is peeked until its newline is there, then exactly its
+    /// bytes are read, into the slot's line area (the start of its data
+    /// area, zeroed when the client was recorded). A successor that finds
+    /// a newline there knows the line was consumed, and takes it from
+    /// there; one that finds none knows it is still in the socket. Bytes
+    /// after the newline stay in the socket as stream data.
     fn read_connect_line(&mut self, slot: usize) {
-        self.read_connect_line_inner(slot);
-        self.commit(slot);
-    }
-
-    fn read_connect_line_inner(&mut self, slot: usize) {
-        let mut buf = [0u8; MAX_LINE_BYTES];
-        loop {
-            let Some(conn) = self.conn(slot) else { return };
-            let State::AwaitLine(parser) = &mut conn.state else {
-                return;
-            };
-            let n = match read_fd(conn.stream.as_raw_fd(), &mut buf) {
-                Ok(0) => {
-                    debug!("host client left before its CONNECT line");
-                    return self.remove(slot);
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+        let Some(conn) = self.conn(slot) else { return };
+        if !matches!(conn.state, State::AwaitLine) {
+            return;
+        }
+        let fd = conn.stream.as_raw_fd();
+        let mut peeked = [0u8; MAX_LINE_BYTES];
+        let n = match peek_fd(fd, &mut peeked) {
+            Ok(0) => {
+                debug!("host client left before its CONNECT line");
+                return self.remove(slot);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                debug!("host client read failed: {e}");
+                return self.remove(slot);
+            }
+        };
+        let len = match find_line(&peeked[..n]) {
+            Ok(None) => return,
+            Ok(Some(len)) => len,
+            Err(e) => {
+                warn!("closing host client: {e}");
+                return self.remove(slot);
+            }
+        };
+        let mut local = [0u8; MAX_LINE_BYTES];
+        let line: &mut [u8] = match self.line_area(slot) {
+            // SAFETY: the slot's data area, valid for `MAX_LINE_BYTES`
+            // (`line_area` checks) and used by this connection alone
+            // (`ConnStore`'s contract); nothing else holds a reference to
+            // it while the connection waits for its line.
+            Some(area) => unsafe { std::slice::from_raw_parts_mut(area, len) },
+            None => &mut local[..len],
+        };
+        let mut got = 0;
+        while got < len {
+            match read_fd(fd, &mut line[got..]) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     debug!("host client read failed: {e}");
                     return self.remove(slot);
                 }
-            };
-            match parser.feed(&buf[..n]) {
-                Ok(None) => continue,
-                Ok(Some((port, used))) => {
-                    let prefix = buf[used..n].to_vec();
-                    return self.start_host_connect(slot, port, prefix);
-                }
-                Err(e @ (LineError::TooLong | LineError::Malformed(_))) => {
-                    warn!("closing host client: {e}");
-                    return self.remove(slot);
-                }
             }
         }
+        crash_point::hit("line-read");
+        if got < len {
+            // Only this process reads the socket: the bytes peeked are there.
+            warn!("host client: {got} of the {len} bytes of its CONNECT line read; closing it");
+            return self.remove(slot);
+        }
+        let port = line_port(line);
+        self.take_connect_line(slot, port);
     }
 
-    fn start_host_connect(&mut self, slot: usize, port: u32, prefix: Vec<u8>) {
+    /// The line area of `slot`: where its host client's `CONNECT` line is
+    /// read to, so that a successor finds it. `None` without a store.
+    pub(super) fn line_area(&self, slot: usize) -> Option<*mut u8> {
+        let k = self.keep.as_ref()?;
+        if k.store.data_bytes() < MAX_LINE_BYTES {
+            return None;
+        }
+        k.store.data_area(slot)
+    }
+
+    /// The host client in `slot` sent a complete line, asking for `port`:
+    /// it connects, or is closed if the line was malformed.
+    pub(super) fn take_connect_line(
+        &mut self,
+        slot: usize,
+        port: Result<u32, crate::connect_line::LineError>,
+    ) {
+        match port {
+            Ok(port) => self.start_host_connect(slot, port),
+            Err(e) => {
+                warn!("closing host client: {e}");
+                self.remove(slot);
+            }
+        }
+        self.commit(slot);
+    }
+
+    fn start_host_connect(&mut self, slot: usize, port: u32) {
         let local_port = self.alloc_local_port(port);
         let key = ConnKey {
             local_port,
             peer_port: port,
         };
         let Some(conn) = self.conn(slot) else { return };
-        conn.start_local_init(key, prefix);
+        conn.start_local_init(key);
         self.by_key.insert(key, slot);
         debug!("{key}: host client connects to guest port {port}");
         self.enqueue(slot);
