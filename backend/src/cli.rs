@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 /// with 1 MiB). vsockd holds that much for a host reader that falls behind,
 /// and only while it is behind.
 pub const DEFAULT_BUF_ALLOC_BYTES: u32 = 1024 * 1024;
+/// Default for `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
 
 /// vsockd: a vhost-user virtio-vsock device backend that bridges guest
 /// AF_VSOCK connections to host Unix sockets (Firecracker's hybrid vsock).
@@ -63,6 +65,14 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BUF_ALLOC_BYTES,
           value_parser = clap::value_parser!(u32).range(4096..=64 * 1024 * 1024))]
     pub buf_alloc: u32,
+
+    /// Most connections open at once (1 to 65536), host clients still
+    /// sending their CONNECT line included; each has a slot in the state
+    /// region. Beyond it a guest's connect is reset and a host client
+    /// closed.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
 
     /// Control socket that `vsockd status` asks (default: "<socket-path>.ctl";
     /// with --fd, none unless this is given).

@@ -54,6 +54,7 @@ type Handler = BackendReqHandler<Mutex<VsockDevice>>;
 pub struct ServeConfig {
     pub device: DeviceConfig,
     pub buf_alloc: u32,
+    pub max_connections: usize,
 }
 
 fn lock(dev: &Mutex<VsockDevice>) -> MutexGuard<'_, VsockDevice> {
@@ -270,6 +271,7 @@ fn build(host: UnixHost, cfg: &ServeConfig) -> Result<Parts, BackendError> {
         MuxerConfig {
             guest_cid: cfg.device.guest_cid,
             buf_alloc: cfg.buf_alloc,
+            max_connections: cfg.max_connections,
         },
         host,
     )?;

@@ -36,9 +36,6 @@ use crate::unix_host::UnixHost;
 use vsockd_persist::fdstore::well_known;
 use vsockd_persist::{Channel, FdSet, Geometry, Region};
 
-/// Connection slots in the state region.
-const CONN_SLOTS: u32 = 4096;
-
 /// Exit status for usage errors (as clap and sysexits' EX_USAGE-like tools).
 const EXIT_USAGE: u8 = 2;
 /// Exit status for failures while starting or serving.
@@ -175,6 +172,7 @@ fn serve_config(args: &Args) -> ServeConfig {
             max_queue_size: args.queue_size,
         },
         buf_alloc: args.buf_alloc,
+        max_connections: args.max_connections as usize,
     }
 }
 
@@ -211,7 +209,7 @@ fn geometry(args: &Args) -> Geometry {
     let page = vsockd_persist::page_size() as u64;
     Geometry {
         max_queue_size: args.queue_size,
-        conn_slots: CONN_SLOTS,
+        conn_slots: args.max_connections,
         conn_data_bytes: u64::from(args.buf_alloc).next_power_of_two().max(page),
     }
 }

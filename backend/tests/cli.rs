@@ -71,6 +71,7 @@ fn help_explains_every_option() {
         "--uds-path",
         "--queue-size",
         "--buf-alloc",
+        "--max-connections",
         "--log-level",
         "--control-socket",
         "status",
@@ -82,13 +83,15 @@ fn help_explains_every_option() {
 #[test]
 fn bad_values_give_one_line_and_exit_2() {
     let base = ["--socket-path", "/tmp/x.sock", "--uds-path", "/tmp/y.sock"];
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["--guest-cid", "2"], "--guest-cid"),
         (&["--guest-cid", "4294967295"], "--guest-cid"),
         (&["--guest-cid", "abc"], "--guest-cid"),
         (&["--queue-size", "100"], "--queue-size"),
         (&["--queue-size", "65536"], "--queue-size"),
         (&["--buf-alloc", "10"], "--buf-alloc"),
+        (&["--max-connections", "0"], "--max-connections"),
+        (&["--max-connections", "65537"], "--max-connections"),
         (&["--log-level", "loud"], "--log-level"),
         (&["--no-such-flag"], "--no-such-flag"),
     ];

@@ -124,6 +124,7 @@ impl Rig {
         let cfg = MuxerConfig {
             guest_cid: GUEST_CID,
             buf_alloc,
+            max_connections: 4096,
         };
         Rig {
             mux: Muxer::new(cfg, host).unwrap(),

@@ -1769,6 +1769,57 @@ fn worker_dies_of_abort_and_sigterm_the_device_carries_on() {
     rig.assert_clean();
 }
 
+/// `--max-connections 2`: a third connection, either way, is refused (the
+/// guest's connect reset, the host client closed without an OK) while the
+/// two open ones carry on; once one closes, a new one is taken.
+#[test]
+fn max_connections_refuses_the_one_too_many() {
+    let kind = BackendKind::from_env().unwrap_or_else(|e| panic!("{e}"));
+    if kind == BackendKind::Peer {
+        eprintln!("max-connections: SKIPPED with the peer backend: no such option");
+        return;
+    }
+    let mut rig = Rig::with_args("max-connections", opts(), None, &["--max-connections", "2"]);
+    let (g1, h1) = rig.pair(7480, true);
+    let (g2, h2) = rig.pair(7481, false);
+    match rig.vm().connect(7482) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Ok(_) => rig.fail("a third guest connect succeeded"),
+        Err(e) => rig.fail(format!("a third guest connect: {e}, expected a reset")),
+    }
+    let _gl = rig.ok(rig.vm().listen(7483), "guest listen");
+    let mut h3 = rig.ok(UnixStream::connect(rig.uds()), "third host client");
+    set_timeouts(&h3);
+    rig.ok(h3.write_all(b"CONNECT 7483\n"), "CONNECT line");
+    match host_wait_end(&h3) {
+        Ok(end) => eprintln!("third host client: {end}"),
+        Err(e) => rig.fail(format!("the third host client was not closed: {e}")),
+    }
+    rig.check_pair(&g1, &h1, 94, "the first connection");
+    rig.check_pair(&g2, &h2, 95, "the second connection");
+    rig.ok(g1.close(), "close");
+    drop(h1);
+    // The slot comes free once the close is through.
+    let deadline = Instant::now() + T;
+    let (g4, h4) = loop {
+        let hl = rig.ok(HostListener::bind(rig.uds(), 7484), "bind host listener");
+        match rig.vm().connect(7484) {
+            Ok(g) => break (g, rig.ok(hl.accept_timeout(T), "host accept")),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("connect while the slot is not free yet: {e}");
+                drop(hl);
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => rig.fail(format!("connect after a close: {e}")),
+        }
+    };
+    set_timeouts(&h4);
+    rig.check_pair(&g4, &h4, 96, "a connection after a close");
+    rig.ok(g2.close(), "close");
+    rig.ok(g4.close(), "close");
+    rig.assert_clean();
+}
+
 /// Waits until `vsockd status` shows exactly one restart, the worker
 /// having been killed (the crash point fired, once).
 fn check_one_crash(rig: &Rig) {

@@ -57,6 +57,8 @@ pub struct MuxerConfig {
     pub guest_cid: u64,
     /// Receive buffer advertised to the guest per connection, in bytes.
     pub buf_alloc: u32,
+    /// Most connections at once (with a store, also at most its slots).
+    pub max_connections: usize,
 }
 
 /// Counters for logs and status.
@@ -193,13 +195,14 @@ impl<H: Host> Muxer<H> {
         let slot = match self.free_slots.pop() {
             Some(s) => s,
             None => {
-                if let Some(k) = &self.keep {
-                    if self.conns.len() >= k.store.slots() {
-                        return Err(io::Error::other(format!(
-                            "all {} connection slots are in use",
-                            k.store.slots()
-                        )));
-                    }
+                let slots = match &self.keep {
+                    Some(k) => k.store.slots().min(self.cfg.max_connections),
+                    None => self.cfg.max_connections,
+                };
+                if self.conns.len() >= slots {
+                    return Err(io::Error::other(format!(
+                        "all {slots} connection slots are in use (--max-connections)"
+                    )));
                 }
                 self.conns.push(None);
                 self.conns.len() - 1
@@ -645,7 +648,7 @@ impl<H: Host> Muxer<H> {
                     match self.insert(conn) {
                         // Its line may already be there.
                         Ok(slot) => self.read_connect_line(slot),
-                        Err(e) => warn!("cannot poll a new host client, closing it: {e}"),
+                        Err(e) => warn!("cannot take a new host client, closing it: {e}"),
                     }
                 }
                 Ok(None) => return,
