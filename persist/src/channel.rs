@@ -5,6 +5,13 @@
 //! endian: both ends are the same machine) followed by a payload, with up
 //! to [`MAX_FDS_PER_FRAME`] descriptors attached. What `id` and the payload
 //! mean depends on the kind ([`Kind`]).
+//!
+//! Ordering rules the kinds rely on: frames arrive in the order they were
+//! sent, and the keeper reads every frame a dead worker sent before it
+//! notices the death. A [`Kind::HostClient`] frame only tells the worker
+//! about a descriptor the keeper already holds (see `fdstore`): losing the
+//! frame with a dying worker loses nothing, since the next worker gets the
+//! descriptor in its hand-over.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -43,6 +50,13 @@ pub enum Kind {
     /// Worker to keeper: the end is recorded (until then the keeper tells
     /// every new worker again, since it may adopt the ended session).
     SessionEnd = 7,
+    /// Keeper to worker: a host client the keeper accepted on the host
+    /// listener, one fd attached (a non-blocking stream). `id` is the uid
+    /// the keeper gave the connection (in its own range, see
+    /// `fdstore::well_known`); the keeper holds the stream under
+    /// `conn_stream(id)` already, so the worker must not deposit it again,
+    /// and withdraws it as any connection's once done with it.
+    HostClient = 8,
 }
 
 impl Kind {
@@ -55,6 +69,7 @@ impl Kind {
             5 => Kind::HandoverEnd,
             6 => Kind::Ready,
             7 => Kind::SessionEnd,
+            8 => Kind::HostClient,
             _ => return None,
         })
     }
@@ -164,6 +179,31 @@ impl Channel {
         payload: &[u8],
         fds: &[RawFd],
     ) -> io::Result<()> {
+        self.send_flags(kind, flags, id, payload, fds, 0)
+    }
+
+    /// [`Channel::send`] without waiting, whatever the socket's mode:
+    /// `WouldBlock` when the socket has no room for the frame now.
+    pub fn try_send(
+        &self,
+        kind: Kind,
+        flags: u32,
+        id: u64,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> io::Result<()> {
+        self.send_flags(kind, flags, id, payload, fds, libc::MSG_DONTWAIT)
+    }
+
+    fn send_flags(
+        &self,
+        kind: Kind,
+        flags: u32,
+        id: u64,
+        payload: &[u8],
+        fds: &[RawFd],
+        send_flags: libc::c_int,
+    ) -> io::Result<()> {
         if fds.len() > MAX_FDS_PER_FRAME || payload.len() + FRAME_HEADER_BYTES > MAX_FRAME_BYTES {
             return Err(invalid(format!(
                 "frame too large: {} bytes, {} fds",
@@ -211,7 +251,9 @@ impl Channel {
         }
         loop {
             // SAFETY: `msg` points at live buffers set up above.
-            let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+            let n = unsafe {
+                libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | send_flags)
+            };
             if n >= 0 {
                 return Ok(());
             }
@@ -404,6 +446,43 @@ mod tests {
         assert_eq!(b.try_recv().unwrap_err().kind(), io::ErrorKind::WouldBlock);
         drop(a);
         assert!(b.recv().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_host_client_frame_carries_its_uid_and_stream() {
+        let (keeper, worker) = Channel::pair().unwrap();
+        let (client, accepted) = std::os::unix::net::UnixStream::pair().unwrap();
+        let uid = crate::fdstore::well_known::FIRST_KEEPER_CONN_UID + 3;
+        keeper
+            .try_send(Kind::HostClient, 0, uid, &[], &[accepted.as_raw_fd()])
+            .unwrap();
+        // The keeper keeps its own copy; the worker gets another.
+        drop(accepted);
+        let f = worker.recv().unwrap().unwrap();
+        assert_eq!((f.kind, f.id, f.payload.len()), (Kind::HostClient, uid, 0));
+        assert_eq!(f.fds.len(), 1);
+        let mut got = std::fs::File::from(f.fds.into_iter().next().unwrap());
+        (&client).write_all(b"CONNECT 5\n").unwrap();
+        let mut line = [0u8; 10];
+        got.read_exact(&mut line).unwrap();
+        assert_eq!(&line, b"CONNECT 5\n");
+        assert_eq!(Kind::from_u32(8), Some(Kind::HostClient));
+    }
+
+    #[test]
+    fn try_send_says_would_block_when_the_socket_is_full() {
+        let (a, _b) = Channel::pair().unwrap();
+        let payload = vec![0u8; 4096];
+        let mut sent = 0;
+        let e = loop {
+            match a.try_send(Kind::Withdraw, 0, 0, &payload, &[]) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            assert!(sent < 100_000, "the socket never filled");
+        };
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(sent > 0);
     }
 
     #[test]

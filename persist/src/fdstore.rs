@@ -21,7 +21,22 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::channel::{ids_payload, Channel, Frame, Kind};
 
-/// Ids of descriptors the keeper itself puts in the store.
+/// Ids of descriptors in the store, and the ranges of connection uids.
+///
+/// Ids: [`STATE_REGION`] and [`HOST_LISTENER`] (the keeper's, kept across
+/// sessions); from
+/// [`FIRST_WORKER_ID`] up, the session's fds (guest memory, eventfds),
+/// which the worker allocates; from [`CONN_STREAM_BASE`] up, connections'
+/// host streams by uid ([`conn_stream`]). Everything from
+/// [`FIRST_WORKER_ID`] up is dropped when a session ends.
+///
+/// Connection uids: `1..FIRST_KEEPER_CONN_UID` are the worker's (the state
+/// region's counter, `Region::take_conn_uid`, counting up from 1: guest
+/// connects, and host clients a `--no-keeper` worker accepts);
+/// `FIRST_KEEPER_CONN_UID` up are the keeper's (host clients it accepted,
+/// counting up from there). The two never meet: the worker's counter would
+/// need 2^40 connections to get there (three years at 10,000 a second),
+/// and adoption never raises it past its own range.
 pub mod well_known {
     /// The state region's memfd.
     pub const STATE_REGION: u64 = 1;
@@ -32,10 +47,26 @@ pub mod well_known {
     /// Host streams of connections: this plus the connection's uid (above
     /// every id a session's control messages use).
     pub const CONN_STREAM_BASE: u64 = 1 << 48;
+    /// First uid of a host client the keeper accepted.
+    pub const FIRST_KEEPER_CONN_UID: u64 = 1 << 40;
 
     /// The id the host stream of connection `uid` is kept under.
     pub const fn conn_stream(uid: u64) -> u64 {
         CONN_STREAM_BASE + uid
+    }
+
+    /// The connection uid whose host stream id `id` is, if it is one.
+    pub const fn conn_uid(id: u64) -> Option<u64> {
+        if id > CONN_STREAM_BASE {
+            Some(id - CONN_STREAM_BASE)
+        } else {
+            None
+        }
+    }
+
+    /// True for a uid the keeper gave a host client it accepted.
+    pub const fn is_keeper_conn_uid(uid: u64) -> bool {
+        uid >= FIRST_KEEPER_CONN_UID
     }
 }
 
@@ -98,6 +129,11 @@ impl FdStore {
         self.fds.contains_key(&id)
     }
 
+    /// The descriptor held under `id`, to send (it stays held).
+    pub fn raw_fd(&self, id: u64) -> Option<RawFd> {
+        self.fds.get(&id).map(AsRawFd::as_raw_fd)
+    }
+
     /// Closes everything except the well-known descriptors (the session
     /// ended).
     pub fn clear_session(&mut self) {
@@ -145,6 +181,14 @@ impl FdSet {
     /// A duplicate of the descriptor under `id`, leaving it in the set.
     pub fn dup(&self, id: u64) -> Option<OwnedFd> {
         self.fds.get(&id).and_then(|fd| fd.try_clone().ok())
+    }
+
+    /// Takes every descriptor whose id `pick` accepts, in id order.
+    pub fn take_where(&mut self, mut pick: impl FnMut(u64) -> bool) -> Vec<(u64, OwnedFd)> {
+        let ids: Vec<u64> = self.fds.keys().copied().filter(|&id| pick(id)).collect();
+        ids.into_iter()
+            .filter_map(|id| self.fds.remove(&id).map(|fd| (id, fd)))
+            .collect()
     }
 
     /// Ids left in the set after adoption took what it needed: nothing
@@ -219,6 +263,39 @@ mod tests {
 
         store.clear_session();
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn uid_ranges_and_picking_host_clients() {
+        use well_known::*;
+        assert_eq!(conn_uid(conn_stream(7)), Some(7));
+        assert_eq!(conn_uid(FIRST_WORKER_ID + 3), None);
+        assert_eq!(conn_uid(STATE_REGION), None);
+        assert!(!is_keeper_conn_uid(FIRST_KEEPER_CONN_UID - 1));
+        assert!(is_keeper_conn_uid(FIRST_KEEPER_CONN_UID));
+        let mut set = FdSet::default();
+        for id in [
+            STATE_REGION,
+            FIRST_WORKER_ID,
+            conn_stream(5),
+            conn_stream(FIRST_KEEPER_CONN_UID + 2),
+            conn_stream(FIRST_KEEPER_CONN_UID),
+        ] {
+            set.insert(id, null());
+        }
+        let keeper_clients = set.take_where(|id| conn_uid(id).is_some_and(is_keeper_conn_uid));
+        let ids: Vec<u64> = keeper_clients.iter().map(|(id, _)| *id).collect();
+        assert_eq!(
+            ids,
+            vec![
+                conn_stream(FIRST_KEEPER_CONN_UID),
+                conn_stream(FIRST_KEEPER_CONN_UID + 2)
+            ]
+        );
+        assert_eq!(
+            set.unreferenced(),
+            vec![STATE_REGION, FIRST_WORKER_ID, conn_stream(5)]
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! ```text
 //!   header        magic, layout version, geometry, worker generation
 //!   session       SessionRecord (A/B record)
-//!   rings         RX batch commit record, next connection uid
+//!   rings         RX batch commit record, next connection uid, last
+//!                 host client a worker took from the keeper
 //!   inflight[2]   inflight logs of the RX and TX queues (vhost-user layout)
 //!   tx_meta       one TxMeta per TX descriptor head
 //!   slots         one ConnRecord (A/B record) per connection slot
@@ -35,8 +36,8 @@ use crate::PersistError;
 
 /// "VSOCKDST": a vsockd state region.
 pub const MAGIC: [u8; 8] = *b"VSOCKDST";
-/// Layout version this build reads and writes.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Layout version this build reads and writes (2: `last_host_client_uid`).
+pub const LAYOUT_VERSION: u32 = 2;
 /// Bytes reserved for the header.
 const HEADER_BYTES: usize = 4096;
 /// Bytes reserved for the rings part.
@@ -116,7 +117,7 @@ impl Header {
     }
 }
 
-/// Commit state of the RX queue and the connection uid counter.
+/// Commit state of the RX queue and the connection uid counters.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RingsState {
@@ -130,9 +131,14 @@ pub struct RingsState {
     pub rx_pending_used: u64,
     /// Last connection uid handed out.
     pub last_conn_uid: u64,
+    /// Highest uid of a host client the keeper accepted (keeper range,
+    /// see `fdstore::well_known`) whose connection a worker has recorded;
+    /// 0 before the first. Raised only after the record is written, so a
+    /// keeper-held client stream above it was never recorded by anyone.
+    pub last_host_client_uid: u64,
 }
 
-// SAFETY: `repr(C)`, four u64, no padding (32 bytes).
+// SAFETY: `repr(C)`, five u64, no padding (40 bytes).
 unsafe impl ByteValued for RingsState {}
 
 /// Offsets of the parts.
@@ -314,6 +320,7 @@ impl Region {
             last_conn_uid: self
                 .rings_field(std::mem::offset_of!(RingsState, last_conn_uid))
                 .load(Ordering::Acquire),
+            last_host_client_uid: self.last_host_client_uid(),
         }
     }
 
@@ -344,6 +351,19 @@ impl Region {
     pub fn reserve_conn_uids(&self, uid: u64) {
         self.rings_field(std::mem::offset_of!(RingsState, last_conn_uid))
             .fetch_max(uid, Ordering::AcqRel);
+    }
+
+    /// Notes that the connection of host client `uid` (a keeper uid) is
+    /// recorded; the mark only goes up.
+    pub fn note_host_client(&self, uid: u64) {
+        self.rings_field(std::mem::offset_of!(RingsState, last_host_client_uid))
+            .fetch_max(uid, Ordering::AcqRel);
+    }
+
+    /// The highest keeper uid [`Region::note_host_client`] noted (0: none).
+    pub fn last_host_client_uid(&self) -> u64 {
+        self.rings_field(std::mem::offset_of!(RingsState, last_host_client_uid))
+            .load(Ordering::Acquire)
     }
 
     /// The inflight log of queue `q` (0 RX, 1 TX). One writer at a time.
@@ -481,6 +501,22 @@ mod tests {
             ),
             (7, 300, 6)
         );
+    }
+
+    #[test]
+    fn the_host_client_mark_only_goes_up_and_survives_a_reopen() {
+        let fd = memfd();
+        let (r, _) = Region::open(dup(&fd), geometry()).unwrap();
+        assert_eq!(r.last_host_client_uid(), 0);
+        let first = crate::fdstore::well_known::FIRST_KEEPER_CONN_UID;
+        r.note_host_client(first + 2);
+        r.note_host_client(first + 1);
+        drop(r);
+        let (r, _) = Region::open(dup(&fd), geometry()).unwrap();
+        assert_eq!(r.last_host_client_uid(), first + 2);
+        assert_eq!(r.rings().last_host_client_uid, first + 2);
+        // Apart from the worker's own counter.
+        assert_eq!(r.take_conn_uid(), 1);
     }
 
     #[test]
