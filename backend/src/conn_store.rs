@@ -1,6 +1,8 @@
 //! The device's connection store over the state region: slots and data
 //! areas in the region, TX metadata in its table, host streams kept by the
-//! keeper under `conn_stream(uid)`.
+//! keeper under `conn_stream(uid)` (deposited here, or by the keeper
+//! itself for the host clients it accepts, whose recording is marked in
+//! the region: `Region::note_host_client`).
 
 use std::os::fd::RawFd;
 
@@ -60,6 +62,10 @@ unsafe impl ConnStore for RegionStore {
         if let Err(e) = self.keeper.deposit(&[(conn_stream(uid), fd)]) {
             warn!("cannot give connection {uid}'s host stream to the keeper: {e}");
         }
+    }
+
+    fn kept_stream_recorded(&mut self, uid: u64) {
+        self.region.note_host_client(uid);
     }
 
     fn release_streams(&mut self, uids: &[u64]) {

@@ -8,7 +8,10 @@
 //!   each host read or write, each step of the handshake, and once per RX
 //!   batch before the batch is published;
 //! * its host stream, kept under the connection's uid before any record
-//!   names the uid, and released only once no record can name it again;
+//!   names the uid, and released only once no record can name it again (a
+//!   host client the keeper accepted comes with its stream kept already,
+//!   under a uid the keeper gave it: the store is told once its record is
+//!   written, [`ConnStore::kept_stream_recorded`]);
 //! * for each TX chain applied, where its payload sits in its connection's
 //!   stream ([`TxMeta`]), before the record that counts it;
 //! * bytes the host has not taken, in the slot's data area.
@@ -53,6 +56,12 @@ pub unsafe trait ConnStore {
 
     /// Drops the copies kept for these connections.
     fn release_streams(&mut self, uids: &[u64]);
+
+    /// Connection `uid`, whose stream was kept before the device got it
+    /// (a host client the keeper accepted), is recorded in its slot: a
+    /// successor that finds the stream kept and no record naming `uid` must
+    /// take it for a connection that was freed, not for a new client.
+    fn kept_stream_recorded(&mut self, uid: u64);
 
     /// Writes `rec` as slot `slot`'s state.
     fn commit(&mut self, slot: usize, rec: &ConnRecord);

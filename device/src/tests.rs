@@ -879,3 +879,153 @@ fn batch_stops_at_peer_credit() {
         "exactly the credit"
     );
 }
+
+/// What a [`LogStore`] was asked to do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StoreCall {
+    Keep(u64),
+    Release(Vec<u64>),
+    /// Slot and the uid its record names (0: free).
+    Commit(usize, u64),
+    Recorded(u64),
+}
+
+/// A connection store that only logs its calls (no data areas, so no
+/// connection uses a shared buffer).
+struct LogStore {
+    slots: usize,
+    next_uid: u64,
+    calls: Rc<RefCell<Vec<StoreCall>>>,
+}
+
+// SAFETY: `data_area` never returns memory.
+unsafe impl crate::ConnStore for LogStore {
+    fn slots(&self) -> usize {
+        self.slots
+    }
+    fn data_bytes(&self) -> usize {
+        0
+    }
+    fn data_area(&self, _slot: usize) -> Option<*mut u8> {
+        None
+    }
+    fn discard_data(&mut self, _slot: usize) {}
+    fn next_uid(&mut self) -> u64 {
+        self.next_uid += 1;
+        self.next_uid
+    }
+    fn keep_stream(&mut self, uid: u64, _fd: RawFd) {
+        self.calls.borrow_mut().push(StoreCall::Keep(uid));
+    }
+    fn release_streams(&mut self, uids: &[u64]) {
+        self.calls
+            .borrow_mut()
+            .push(StoreCall::Release(uids.to_vec()));
+    }
+    fn kept_stream_recorded(&mut self, uid: u64) {
+        self.calls.borrow_mut().push(StoreCall::Recorded(uid));
+    }
+    fn commit(&mut self, slot: usize, rec: &crate::store::ConnRecord) {
+        self.calls
+            .borrow_mut()
+            .push(StoreCall::Commit(slot, rec.uid));
+    }
+    fn note_tx(&mut self, _head: u16, _meta: &crate::store::TxMeta) {}
+    fn tx_meta(&self, _head: u16) -> Option<crate::store::TxMeta> {
+        None
+    }
+}
+
+impl Rig {
+    /// Switches on a [`LogStore`] of `slots` slots; returns its call log.
+    fn log_store(&mut self, slots: usize) -> Rc<RefCell<Vec<StoreCall>>> {
+        let calls: Rc<RefCell<Vec<StoreCall>>> = Rc::default();
+        self.mux.set_store(Box::new(LogStore {
+            slots,
+            next_uid: 0,
+            calls: calls.clone(),
+        }));
+        calls
+    }
+
+    /// `rx_op`, committing and publishing the RX batch as the backend does.
+    fn rx_op_kept(&mut self, op: u16) -> (PacketHeader, Vec<u8>) {
+        let got = self.rx_op(op);
+        if self.mux.commit_rx().is_some() {
+            self.mux.rx_published();
+        }
+        got
+    }
+}
+
+/// A host client the keeper accepted keeps the keeper's uid, is recorded
+/// before the store hears it was, is never kept a second time, and is
+/// released under that uid when it goes.
+#[test]
+fn a_host_client_accepted_elsewhere_keeps_its_uid() {
+    const UID: u64 = 1 << 40;
+    let mut rig = Rig::new();
+    let log = rig.log_store(8);
+    let (mut client, accepted) = UnixStream::pair().unwrap();
+    accepted.set_nonblocking(true).unwrap();
+    client.write_all(b"CONNECT 52\nfirst").unwrap();
+    rig.mux.add_host_client(accepted, UID);
+    let (req, _) = rig.rx_op_kept(OP_REQUEST);
+    assert_eq!(req.dst_port(), 52);
+    let local = req.src_port();
+    rig.tx(&hdr(OP_RESPONSE, 52, local, 0), &[]);
+    assert_eq!(read_line(&mut client), format!("OK {local}"));
+    let (_, p) = rig.rx_op_kept(OP_RW);
+    assert_eq!(p, b"first");
+    rig.tx(&hdr(OP_RST, 52, local, 0), &[]);
+    let calls = log.borrow().clone();
+    assert!(
+        !calls.iter().any(|c| matches!(c, StoreCall::Keep(_))),
+        "kept twice: {calls:?}"
+    );
+    let first_commit = calls.iter().position(|c| *c == StoreCall::Commit(0, UID));
+    let recorded = calls.iter().position(|c| *c == StoreCall::Recorded(UID));
+    assert!(
+        first_commit.is_some() && first_commit < recorded,
+        "recorded before its record was written: {calls:?}"
+    );
+    assert_eq!(
+        calls[calls.len() - 2..],
+        [StoreCall::Commit(0, 0), StoreCall::Release(vec![UID])],
+        "{calls:?}"
+    );
+    // A client accepted here still gets its uid from the store, and kept.
+    let mut other = rig.host_client();
+    other.write_all(b"CONNECT 53\n").unwrap();
+    rig.rx_op_kept(OP_REQUEST);
+    let calls = log.borrow().clone();
+    assert!(calls.contains(&StoreCall::Keep(1)), "{calls:?}");
+    assert!(!calls.contains(&StoreCall::Recorded(1)), "{calls:?}");
+}
+
+/// A host client from elsewhere that finds every slot taken is closed and
+/// its kept stream released.
+#[test]
+fn a_host_client_from_elsewhere_with_no_slot_left_is_released() {
+    let mut rig = Rig::new();
+    let log = rig.log_store(1);
+    let (_c1, a1) = UnixStream::pair().unwrap();
+    let (mut c2, a2) = UnixStream::pair().unwrap();
+    for s in [&a1, &a2] {
+        s.set_nonblocking(true).unwrap();
+    }
+    rig.mux.add_host_client(a1, (1 << 40) + 1);
+    rig.mux.add_host_client(a2, (1 << 40) + 2);
+    assert_eq!(rig.mux.connection_count(), 1);
+    let calls = log.borrow().clone();
+    assert_eq!(
+        calls.last(),
+        Some(&StoreCall::Release(vec![(1 << 40) + 2])),
+        "{calls:?}"
+    );
+    assert!(!calls.contains(&StoreCall::Recorded((1 << 40) + 2)));
+    // The device closed its end.
+    c2.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(c2.read(&mut [0u8; 8]).unwrap(), 0);
+}

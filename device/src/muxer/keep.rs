@@ -112,7 +112,22 @@ impl Keep {
         conn: &mut Connection<S>,
         buf_alloc: u32,
     ) {
-        conn.uid = self.store.next_uid();
+        let uid = self.store.next_uid();
+        self.prepare_kept(slot, conn, buf_alloc, uid);
+        self.store.keep_stream(conn.uid, conn.stream.as_raw_fd());
+    }
+
+    /// [`Keep::prepare`] for a connection whose stream the store keeps
+    /// already, under `uid` (a host client the keeper accepted): it gets
+    /// that uid, and its stream is not kept a second time.
+    pub fn prepare_kept<S: HostStream>(
+        &mut self,
+        slot: usize,
+        conn: &mut Connection<S>,
+        buf_alloc: u32,
+        uid: u64,
+    ) {
+        conn.uid = uid;
         if ring_bytes(buf_alloc as usize) <= self.store.data_bytes() {
             if let Some(area) = self.store.data_area(slot) {
                 // SAFETY: `ConnStore`'s contract: the area is valid as long
@@ -121,7 +136,6 @@ impl Keep {
                 unsafe { conn.use_shared_buffer(area) };
             }
         }
-        self.store.keep_stream(conn.uid, conn.stream.as_raw_fd());
     }
 
     /// Connection `conn` left slot `slot`.

@@ -9,6 +9,9 @@
 //! * Host events: [`Muxer::process_host_events`] drains the muxer's own epoll
 //!   set (edge-triggered), accepting host clients and turning readiness into
 //!   RX work or buffered-byte flushes.
+//! * Host clients accepted elsewhere (by the keeper, which holds their
+//!   streams from the instant it accepts them): [`Muxer::add_host_client`]
+//!   takes them as if accepted here, under the uid they come with.
 //!
 //! * Persistence (`keep`): with a [`ConnStore`] the table is the store's
 //!   slots, and every change is committed as `crate::store` describes;
@@ -191,7 +194,17 @@ impl<H: Host> Muxer<H> {
         self.conns.get_mut(slot).and_then(Option::as_mut)
     }
 
-    fn insert(&mut self, mut conn: Connection<H::Stream>) -> io::Result<usize> {
+    fn insert(&mut self, conn: Connection<H::Stream>) -> io::Result<usize> {
+        self.insert_with(conn, None)
+    }
+
+    /// Inserts `conn` and records it. `kept`: the store keeps its stream
+    /// already, under that uid (released here if it cannot be inserted).
+    fn insert_with(
+        &mut self,
+        mut conn: Connection<H::Stream>,
+        kept: Option<u64>,
+    ) -> io::Result<usize> {
         let slot = match self.free_slots.pop() {
             Some(s) => s,
             None => {
@@ -200,6 +213,9 @@ impl<H: Host> Muxer<H> {
                     None => self.cfg.max_connections,
                 };
                 if self.conns.len() >= slots {
+                    if let (Some(k), Some(uid)) = (&mut self.keep, kept) {
+                        k.store.release_streams(&[uid]);
+                    }
                     return Err(io::Error::other(format!(
                         "all {slots} connection slots are in use (--max-connections)"
                     )));
@@ -209,7 +225,10 @@ impl<H: Host> Muxer<H> {
             }
         };
         if let Some(k) = &mut self.keep {
-            k.prepare(slot, &mut conn, self.cfg.buf_alloc);
+            match kept {
+                Some(uid) => k.prepare_kept(slot, &mut conn, self.cfg.buf_alloc, uid),
+                None => k.prepare(slot, &mut conn, self.cfg.buf_alloc),
+            }
         }
         if matches!(conn.state, State::AwaitLine) {
             if let Some(area) = self.line_area(slot) {
@@ -657,6 +676,28 @@ impl<H: Host> Muxer<H> {
                     return;
                 }
             }
+        }
+    }
+
+    /// Takes host client `stream`, accepted by someone else (the keeper),
+    /// whose stream the store already keeps under `uid`: the connection
+    /// gets that uid and its stream is not kept again. Once its record is
+    /// written the store is told ([`ConnStore::kept_stream_recorded`]);
+    /// then its `CONNECT` line is read, as for a client accepted here.
+    /// Without a store `uid` is not used. A client that cannot be taken is
+    /// closed, its kept stream released.
+    pub fn add_host_client(&mut self, stream: H::Stream, uid: u64) {
+        let conn = Connection::new_host_client(stream, self.cfg.buf_alloc);
+        match self.insert_with(conn, Some(uid)) {
+            Ok(slot) => {
+                if let Some(k) = &mut self.keep {
+                    k.store.kept_stream_recorded(uid);
+                }
+                debug!("host client {uid} taken in slot {slot}");
+                // Its line may already be there.
+                self.read_connect_line(slot);
+            }
+            Err(e) => warn!("cannot take host client {uid}, closing it: {e}"),
         }
     }
 
