@@ -3,7 +3,10 @@
 //!
 //! Control messages come from the keeper's link (see `worker_link`), or,
 //! with `--no-keeper`, straight from the vhost-user listener and the
-//! frontend connection.
+//! frontend connection. Host clients likewise: a keeper's worker gets each
+//! from the keeper, which accepted it and holds its stream; a worker
+//! without a keeper accepts them itself (the muxer polls the host
+//! listener).
 //!
 //! Each wakeup handles every ready event, then processes both queues once
 //! (TX before RX, so that replies a TX packet causes go out in the same
@@ -19,11 +22,11 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::conn_store::RegionStore;
@@ -37,7 +40,7 @@ use crate::unix_host::UnixHost;
 use crate::worker_link::{KeeperLink, LinkEvent};
 use vsockd_device::{Muxer, MuxerConfig};
 use vsockd_persist::channel::FLAG_CLOSE;
-use vsockd_persist::fdstore::well_known::FIRST_WORKER_ID;
+use vsockd_persist::fdstore::well_known::{conn_uid, is_keeper_conn_uid, FIRST_WORKER_ID};
 use vsockd_persist::{Channel, FdSet, Kind, Region};
 
 const LISTENER_TOKEN: u64 = 1;
@@ -327,8 +330,16 @@ pub fn serve(
 }
 
 /// Serves as a keeper's worker: adopts the session in `region` with the
-/// fds handed over, tells the keeper it is ready, and serves until the
-/// keeper goes away or a signal comes.
+/// fds handed over, takes the host clients no worker recorded, tells the
+/// keeper it is ready, and serves until the keeper goes away or a signal
+/// comes.
+///
+/// A host client's stream in the hand-over under a keeper uid that no
+/// record named, above the region's host-client mark, was accepted by the
+/// keeper and never recorded by a dead worker (it died before the frame
+/// reached it, or before it wrote the record): it is taken as a new
+/// client. At or below the mark it belonged to a connection a worker
+/// recorded and then freed, and is withdrawn with every other id left.
 pub fn serve_worker(
     link: Channel,
     region: Region,
@@ -340,6 +351,7 @@ pub fn serve_worker(
     let keeper = link.try_clone().map_err(BackendError::Link)?;
     let link_fd = link.as_raw_fd();
     let parts = build(host, &cfg)?;
+    let marks = region.clone();
     let mut close = 0;
     let (features, protocol_features) = {
         let mut dev = lock(&parts.device);
@@ -363,6 +375,27 @@ pub fn serve_worker(
                 dev.commit_session(seq, &[]);
                 close = FLAG_CLOSE;
             }
+        }
+        // After adoption, which raises the mark past the keeper uids that
+        // records name.
+        let recorded = marks.last_host_client_uid();
+        let unrecorded = fds.take_where(|id| {
+            conn_uid(id).is_some_and(|uid| is_keeper_conn_uid(uid) && uid > recorded)
+        });
+        if !unrecorded.is_empty() {
+            info!(
+                "{} host clients the keeper accepted were never recorded: taking them",
+                unrecorded.len()
+            );
+        }
+        for (id, fd) in unrecorded {
+            let Some(uid) = conn_uid(id) else { continue };
+            let stream = UnixStream::from(fd);
+            if let Err(e) = stream.set_nonblocking(true) {
+                warn!("host client {uid}: {e}");
+            }
+            debug!("host client {uid}: taken from the hand-over (recorded up to {recorded})");
+            dev.muxer.add_host_client(stream, uid);
         }
         let stale: Vec<u64> = fds
             .unreferenced()

@@ -33,11 +33,32 @@
 //! given. Restarts then wait 10 ms, doubling up to 2 s; any other death
 //! restarts at once.
 //!
+//! Host clients: the keeper, not the worker, accepts them on the host
+//! listener (`--uds-path`), which it keeps to itself (it is not in the
+//! store, so no worker ever holds it). Each client gets a uid from the
+//! keeper's own range (see `vsockd_persist::fdstore::well_known`) and is
+//! put in the store under `conn_stream(uid)` at once, *then* sent to the
+//! worker in a `HostClient` frame. So a host client is in the keeper's
+//! store from the instant it is accepted, and no worker death can lose it:
+//! a worker that dies before recording it leaves it in the store, and the
+//! next worker finds it in its hand-over with no record naming it and
+//! takes it as a new client. The listener is polled only while a session
+//! runs (a frontend is connected and no session end is owed to the
+//! workers, which drop every connection when told of one), a worker is
+//! ready, and every client accepted so far has gone to the worker; clients
+//! wait in the listener's backlog meanwhile.
+//! Each wake-up accepts at most `HOST_ACCEPTS_PER_WAKEUP`, so a flood of
+//! clients does not starve the frontend and the worker's frames; frames go
+//! without blocking, and those the link has no room for wait, in order.
+//! When the session ends the store drops them with every other
+//! connection's stream, as the worker closes every connection.
+//!
 //! The keeper also serves the control socket (`vsockd status`), since it
 //! outlives the workers and saw every restart: each death is recorded with
 //! its time and cause, and connections and queues are read from the state
 //! region (see `status_region`). Serving it never blocks (see `control`).
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -49,7 +70,7 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{debug, error, info, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vsockd_persist::channel::FLAG_CLOSE;
-use vsockd_persist::fdstore::well_known;
+use vsockd_persist::fdstore::well_known::{self, conn_stream, FIRST_KEEPER_CONN_UID};
 use vsockd_persist::{Channel, FdStore, Frame, Geometry, Kind, SharedMemory};
 
 use crate::control::ControlServer;
@@ -57,6 +78,7 @@ use crate::error::BackendError;
 use crate::signals::ExitSignals;
 use crate::status::{KeeperInfo, Mode, Restart, RestartLog, Snapshot, WorkerInfo, WorkerState};
 use crate::status_region::RegionReader;
+use crate::unix_host::accept_nonblocking;
 
 /// The descriptor number the worker finds its link at.
 pub const WORKER_LINK_FD: RawFd = 3;
@@ -75,6 +97,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 const POISON_FORWARDS: u32 = 2;
 /// How long a worker gets to exit on SIGTERM before SIGKILL.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(1);
+/// Host clients accepted per wake-up at most.
+const HOST_ACCEPTS_PER_WAKEUP: usize = 64;
+/// Pause in accepting after accept4 failed otherwise than for want of a
+/// client (out of descriptors, say): the listener stays readable.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// When a host client frame could not go for another reason than a full
+/// link, the wait before trying again.
+const CLIENT_SEND_RETRY: Duration = Duration::from_millis(10);
 
 /// A vhost-user message read from the frontend, kept until answered.
 struct Pending {
@@ -139,6 +169,18 @@ fn exit_cause(status: std::process::ExitStatus) -> String {
 pub struct Keeper {
     worker_args: Vec<OsString>,
     listener: UnixListener,
+    /// The host listener (`--uds-path`), non-blocking.
+    host_listener: UnixListener,
+    /// The uid the next host client gets.
+    next_client_uid: u64,
+    /// Host clients in the store not yet sent to the ready worker, oldest
+    /// first.
+    unsent_clients: VecDeque<u64>,
+    /// When to try sending them again; `None` with clients unsent: once
+    /// the link has room.
+    client_retry_at: Option<Instant>,
+    /// Accepting host clients waits until then.
+    accept_paused_until: Option<Instant>,
     frontend: Option<UnixStream>,
     store: FdStore,
     worker: Option<Worker>,
@@ -161,8 +203,8 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    /// A keeper serving frontends on `listener`, with the host listener
-    /// and a new state memfd in its store.
+    /// A keeper serving frontends on `listener` and accepting host clients
+    /// on `host_listener`, with a new state memfd in its store.
     pub fn new(
         listener: UnixListener,
         host_listener: UnixListener,
@@ -175,13 +217,17 @@ impl Keeper {
         );
         let mut store = FdStore::default();
         store.deposit(well_known::STATE_REGION, state);
-        store.deposit(well_known::HOST_LISTENER, OwnedFd::from(host_listener));
-        listener
-            .set_nonblocking(true)
-            .map_err(BackendError::Epoll)?;
+        for l in [&listener, &host_listener] {
+            l.set_nonblocking(true).map_err(BackendError::Epoll)?;
+        }
         Ok(Keeper {
             worker_args: config.worker_args,
             listener,
+            host_listener,
+            next_client_uid: FIRST_KEEPER_CONN_UID,
+            unsent_clients: VecDeque::new(),
+            client_retry_at: None,
+            accept_paused_until: None,
             frontend: None,
             store,
             worker: None,
@@ -247,6 +293,10 @@ impl Keeper {
             started_at: Instant::now(),
             generation: None,
         };
+        // Every host client in the store goes with the hand-over: none may
+        // follow in a frame too.
+        self.unsent_clients.clear();
+        self.client_retry_at = None;
         // A worker that dies during the hand-over is noticed on the link.
         if let Err(e) = self.store.hand_over(&worker.link, self.started - 1) {
             warn!("hand-over to worker {} failed: {e}", self.started);
@@ -267,17 +317,39 @@ impl Keeper {
                     }
                 }
             }
-            let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(4);
-            let mut push = |fd: RawFd| {
+            if self.client_retry_at.is_some_and(|at| Instant::now() >= at) {
+                self.send_host_clients();
+            }
+            if self
+                .accept_paused_until
+                .is_some_and(|at| Instant::now() >= at)
+            {
+                self.accept_paused_until = None;
+            }
+            let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(6);
+            let mut push_events = |fd: RawFd, events: libc::c_short| {
                 pfds.push(libc::pollfd {
                     fd,
-                    events: libc::POLLIN,
+                    events,
                     revents: 0,
                 });
                 pfds.len() - 1
             };
-            let sig_i = push(self.signals.fd());
-            let link_i = self.worker.as_ref().map(|w| push(w.link.as_raw_fd()));
+            let wait_for_room = !self.unsent_clients.is_empty() && self.client_retry_at.is_none();
+            let link_events = if wait_for_room {
+                libc::POLLIN | libc::POLLOUT
+            } else {
+                libc::POLLIN
+            };
+            let accepting = self.accepting();
+            let sig_i = push_events(self.signals.fd(), libc::POLLIN);
+            let link_i = self
+                .worker
+                .as_ref()
+                .map(|w| push_events(w.link.as_raw_fd(), link_events));
+            let host_i =
+                accepting.then(|| push_events(self.host_listener.as_raw_fd(), libc::POLLIN));
+            let mut push = |fd: RawFd| push_events(fd, libc::POLLIN);
             let listener_i = self
                 .frontend
                 .is_none()
@@ -288,7 +360,15 @@ impl Keeper {
                 _ => None,
             };
             let control_i = self.control.as_ref().map(|c| push(c.fd()));
-            let timeout = self.restart_at.map_or(-1, |at| {
+            let wake_at = [
+                self.restart_at,
+                self.client_retry_at,
+                self.accept_paused_until,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let timeout = wake_at.map_or(-1, |at| {
                 at.saturating_duration_since(Instant::now()).as_millis() as i32 + 1
             });
             // SAFETY: poll(2) over a local array of pollfd.
@@ -301,6 +381,8 @@ impl Keeper {
                 return Err(BackendError::Epoll(e));
             }
             let ready = |i: usize| pfds[i].revents != 0;
+            let readable = |i: usize| pfds[i].revents & !libc::POLLOUT != 0;
+            let writable = |i: usize| pfds[i].revents & libc::POLLOUT != 0;
             if ready(sig_i) {
                 if let Some(sig) = self.signals.take() {
                     info!("{sig} received: stopping the worker and exiting");
@@ -308,8 +390,14 @@ impl Keeper {
                     return Ok(());
                 }
             }
-            if link_i.is_some_and(ready) {
+            if link_i.is_some_and(readable) {
                 self.on_worker_readable();
+            }
+            if link_i.is_some_and(writable) {
+                self.send_host_clients();
+            }
+            if host_i.is_some_and(ready) {
+                self.accept_host_clients();
             }
             if listener_i.is_some_and(ready) {
                 self.accept_frontend();
@@ -319,6 +407,90 @@ impl Keeper {
             }
             if control_i.is_some_and(ready) {
                 self.serve_control();
+            }
+        }
+    }
+
+    /// Whether to accept host clients now (see the module doc).
+    fn accepting(&self) -> bool {
+        self.worker.as_ref().is_some_and(|w| w.ready)
+            && self.frontend.is_some()
+            && !self.session_end_owed
+            && self.unsent_clients.is_empty()
+            && self.accept_paused_until.is_none()
+    }
+
+    /// Accepts the host clients waiting (a bounded number): each goes in
+    /// the store first, then to the worker.
+    fn accept_host_clients(&mut self) {
+        // The worker may have died since the poll: clients accepted now
+        // would go to its successor twice, by hand-over and by frame.
+        if !self.accepting() {
+            return;
+        }
+        for _ in 0..HOST_ACCEPTS_PER_WAKEUP {
+            match accept_nonblocking(&self.host_listener) {
+                Ok(Some(stream)) => {
+                    let uid = self.next_client_uid;
+                    self.next_client_uid += 1;
+                    self.store.deposit(conn_stream(uid), OwnedFd::from(stream));
+                    self.unsent_clients.push_back(uid);
+                    debug!("host client {uid} accepted");
+                }
+                Ok(None) => break,
+                // A client that left while queued, or a signal.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ECONNABORTED)
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    warn!(
+                        "accepting a host client failed: {e}; accepting again in {ACCEPT_PAUSE:?}"
+                    );
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    break;
+                }
+            }
+        }
+        self.send_host_clients();
+    }
+
+    /// Sends the ready worker the host clients not yet sent, in order,
+    /// without blocking: what the link has no room for waits (their
+    /// streams stay in the store whatever happens to the worker).
+    fn send_host_clients(&mut self) {
+        let retrying = self.client_retry_at.take().is_some();
+        let Some(w) = self.worker.as_ref().filter(|w| w.ready) else {
+            return;
+        };
+        while let Some(&uid) = self.unsent_clients.front() {
+            let Some(fd) = self.store.raw_fd(conn_stream(uid)) else {
+                // Dropped with its session.
+                self.unsent_clients.pop_front();
+                continue;
+            };
+            match w.link.try_send(Kind::HostClient, 0, uid, &[], &[fd]) {
+                Ok(()) => {
+                    self.unsent_clients.pop_front();
+                }
+                // Polled for room.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // A dying worker's link says so soon; anything else
+                    // (too many fds in flight, say) passes.
+                    if retrying {
+                        debug!("host client {uid} still cannot go to the worker: {e}");
+                    } else {
+                        warn!(
+                            "cannot send host client {uid} to worker {}: {e}; trying again in {CLIENT_SEND_RETRY:?}",
+                            self.started
+                        );
+                    }
+                    self.client_retry_at = Some(Instant::now() + CLIENT_SEND_RETRY);
+                    return;
+                }
             }
         }
     }
@@ -390,7 +562,9 @@ impl Keeper {
         }
         info!("{why}: session ended; waiting for the next frontend");
         self.unacked = None;
+        // Host clients too: the worker closes every connection.
         self.store.clear_session();
+        self.unsent_clients.clear();
         self.session_end_owed = true;
         self.send_session_end();
     }
@@ -521,6 +695,10 @@ impl Keeper {
         let Some(mut w) = self.worker.take() else {
             return;
         };
+        // Host clients not sent yet stay in the store, as do those sent
+        // and not recorded: the next worker gets them in its hand-over.
+        self.unsent_clients.clear();
+        self.client_retry_at = None;
         let cause = match w.child.wait() {
             Ok(status) => exit_cause(status),
             Err(e) => format!("unknown ({e})"),

@@ -227,12 +227,9 @@ fn run_worker(args: &Args, fd: i32) -> Result<(), BackendError> {
     let state = fds
         .take(well_known::STATE_REGION)
         .ok_or_else(|| missing("state region"))?;
-    let host_listener = fds
-        .take(well_known::HOST_LISTENER)
-        .ok_or_else(|| missing("host listener"))?;
     let (region, _fresh) = Region::open(state, geometry(args))?;
     let uds_path: PathBuf = args.uds_path.clone().unwrap_or_default();
-    let host =
-        UnixHost::new(UnixListener::from(host_listener), uds_path).map_err(BackendError::Epoll)?;
+    // The keeper accepts host clients and hands each over.
+    let host = UnixHost::without_listener(uds_path);
     serve_worker(link, region, fds, host, serve_config(args))
 }

@@ -1,6 +1,10 @@
 //! The host side over Unix sockets, Firecracker's hybrid vsock layout: host
 //! clients connect to `<uds-path>`; a guest connect to port P reaches the
 //! listener at `<uds-path>_P`.
+//!
+//! Who accepts host clients: a `--no-keeper` worker, here; a keeper's
+//! worker has no listener ([`UnixHost::without_listener`]), since the
+//! keeper accepts them and hands each over (`Muxer::add_host_client`).
 
 use std::io;
 use std::mem;
@@ -11,9 +15,10 @@ use std::path::{Path, PathBuf};
 
 use vsockd_device::Host;
 
-/// Host listener plus the path prefix of host services.
+/// Host listener, if this process accepts host clients, plus the path
+/// prefix of host services.
 pub struct UnixHost {
-    listener: UnixListener,
+    listener: Option<UnixListener>,
     uds_path: PathBuf,
 }
 
@@ -21,7 +26,18 @@ impl UnixHost {
     /// Wraps a bound listener (made non-blocking here).
     pub fn new(listener: UnixListener, uds_path: PathBuf) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
-        Ok(UnixHost { listener, uds_path })
+        Ok(UnixHost {
+            listener: Some(listener),
+            uds_path,
+        })
+    }
+
+    /// A host side that accepts nobody: host clients come from the keeper.
+    pub fn without_listener(uds_path: PathBuf) -> Self {
+        UnixHost {
+            listener: None,
+            uds_path,
+        }
     }
 }
 
@@ -29,29 +45,14 @@ impl Host for UnixHost {
     type Stream = UnixStream;
 
     fn listener_fd(&self) -> Option<RawFd> {
-        Some(self.listener.as_raw_fd())
+        self.listener.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     fn accept(&mut self) -> io::Result<Option<UnixStream>> {
-        // accept4 makes the stream non-blocking in the same call.
-        // SAFETY: plain accept4(2) on our listener; no address is asked for.
-        let fd = unsafe {
-            libc::accept4(
-                self.listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            return match e.kind() {
-                io::ErrorKind::WouldBlock => Ok(None),
-                _ => Err(e),
-            };
+        match &self.listener {
+            Some(listener) => accept_nonblocking(listener),
+            None => Ok(None),
         }
-        // SAFETY: `fd` is a new descriptor that nothing else owns.
-        Ok(Some(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) })))
     }
 
     fn open(&mut self, _port: u32) -> io::Result<UnixStream> {
@@ -75,6 +76,30 @@ impl Host for UnixHost {
         path.push(format!("_{port}"));
         connect_nonblocking(stream, Path::new(&path))
     }
+}
+
+/// Accepts one pending client, `Ok(None)` when none waits; the stream is
+/// non-blocking and close-on-exec (accept4 sets both in the same call).
+pub fn accept_nonblocking(listener: &UnixListener) -> io::Result<Option<UnixStream>> {
+    // SAFETY: plain accept4(2) on a listening socket; no address is asked
+    // for.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    Ok(Some(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) })))
 }
 
 /// Connects without ever blocking the event loop: a listener whose backlog

@@ -13,6 +13,16 @@
 //! worker primes a fresh handler by replaying GET_FEATURES, SET_FEATURES
 //! and SET_PROTOCOL_FEATURES with the recorded values (the device applies
 //! them idempotently).
+//!
+//! Host clients: the keeper accepts them, not the worker. Each arrives as
+//! a `HostClient` frame whose stream the keeper already holds under the
+//! uid the frame names, so it is in the keeper's store from the instant it
+//! was accepted and no worker death loses it: a worker that dies before
+//! recording it leaves it to its successor, which finds it in the
+//! hand-over with no record naming it and takes it as a new client (see
+//! `event_loop::serve_worker`). The worker records the connection before
+//! it marks the uid taken in the state region, and withdraws the stream
+//! like any connection's when it is done with it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -23,7 +33,8 @@ use log::{debug, warn};
 use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vsockd_persist::channel::FLAG_CLOSE;
-use vsockd_persist::{Channel, Frame, Kind};
+use vsockd_persist::fdstore::well_known::{conn_stream, is_keeper_conn_uid};
+use vsockd_persist::{Channel, FdKeeper, Frame, Kind};
 
 use crate::handler::VsockDevice;
 
@@ -179,9 +190,37 @@ impl KeeperLink {
             match frame.kind {
                 Kind::Forward => self.forward(frame, device),
                 Kind::SessionEnd => self.end_session(device),
+                Kind::HostClient => self.host_client(frame, device),
                 other => warn!("unexpected {other:?} frame from the keeper, ignored"),
             }
         }
+    }
+
+    /// A host client the keeper accepted (and holds under `frame.id`):
+    /// the device takes it; the event loop processes the queues after.
+    fn host_client(&mut self, frame: Frame, device: &Arc<Mutex<VsockDevice>>) {
+        let uid = frame.id;
+        let mut fds = frame.fds.into_iter();
+        if !is_keeper_conn_uid(uid) {
+            // It would share a uid with a connection of the worker's own.
+            warn!("host client frame with uid {uid}, outside the keeper's range: dropped");
+            return;
+        }
+        let Some(fd) = fds.next() else {
+            warn!("host client frame {uid} without its stream: telling the keeper to close it");
+            if let Err(e) = self.link.withdraw(&[conn_stream(uid)]) {
+                warn!("cannot tell the keeper to close host client {uid}: {e}");
+            }
+            return;
+        };
+        if fds.next().is_some() {
+            warn!("host client frame {uid} carries more than one fd: the others are closed");
+        }
+        vsockd_device::crash_point::hit("host-client");
+        debug!("host client {uid} from the keeper");
+        lock(device)
+            .muxer
+            .add_host_client(UnixStream::from(fd), uid);
     }
 
     fn end_session(&mut self, device: &Arc<Mutex<VsockDevice>>) {

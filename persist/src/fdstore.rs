@@ -14,6 +14,20 @@
 //! ([`FdSet::unreferenced`]). Frames on the link are processed in order, so
 //! a deposit sent before the worker died is stored before the hand-over to
 //! the next worker starts.
+//!
+//! Host clients are the one deposit the keeper makes itself: it accepts
+//! them on the host listener, which it keeps out of the store (no worker
+//! ever holds it), and puts each in the store under
+//! [`well_known::conn_stream`] of a uid from its own range
+//! ([`well_known::FIRST_KEEPER_CONN_UID`]) *before* it tells the worker
+//! ([`Kind::HostClient`]). So a host client is in the store from the
+//! instant it is accepted, and no worker death loses it: an id of that
+//! range left over after adoption, above the highest keeper uid a worker
+//! recorded (the state region's `last_host_client_uid`, raised only after
+//! the connection's record is written), is a client no worker recorded,
+//! and the successor takes it as a new one instead of withdrawing it. At
+//! or below that mark it is a connection a worker recorded and freed, and
+//! is withdrawn like any other.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -23,11 +37,12 @@ use crate::channel::{ids_payload, Channel, Frame, Kind};
 
 /// Ids of descriptors in the store, and the ranges of connection uids.
 ///
-/// Ids: [`STATE_REGION`] and [`HOST_LISTENER`] (the keeper's, kept across
-/// sessions); from
+/// Ids: [`STATE_REGION`] (the keeper's, kept across sessions; the host
+/// listener is not in the store: the keeper keeps it to itself); from
 /// [`FIRST_WORKER_ID`] up, the session's fds (guest memory, eventfds),
 /// which the worker allocates; from [`CONN_STREAM_BASE`] up, connections'
-/// host streams by uid ([`conn_stream`]). Everything from
+/// host streams by uid ([`conn_stream`]), which the worker deposits, or
+/// the keeper for the host clients it accepts. Everything from
 /// [`FIRST_WORKER_ID`] up is dropped when a session ends.
 ///
 /// Connection uids: `1..FIRST_KEEPER_CONN_UID` are the worker's (the state
@@ -40,8 +55,6 @@ use crate::channel::{ids_payload, Channel, Frame, Kind};
 pub mod well_known {
     /// The state region's memfd.
     pub const STATE_REGION: u64 = 1;
-    /// The host listener (`--uds-path`).
-    pub const HOST_LISTENER: u64 = 2;
     /// First id of the range the worker allocates from.
     pub const FIRST_WORKER_ID: u64 = 1 << 16;
     /// Host streams of connections: this plus the connection's uid (above

@@ -19,7 +19,9 @@
 //!   marked pending (a copy from a later batch is rolled back to the older
 //!   copy, and the slot rewritten so that the older copy is the newest),
 //!   with their host streams from the keeper and their buffered bytes in
-//!   their data areas;
+//!   their data areas (a host client the keeper accepted and a worker
+//!   recorded is adopted the same way, under the keeper's uid; one no
+//!   record names is the event loop's to take, after adoption);
 //! * then the TX chains in flight are handled again, oldest first: the
 //!   muxer skips what their connections' records say was applied and
 //!   parks again what was not yet forwarded (see the device's `keep`).
@@ -35,7 +37,7 @@ use std::os::unix::net::UnixStream;
 
 use log::{info, warn};
 use vsockd_device::Adopted;
-use vsockd_persist::fdstore::well_known::conn_stream;
+use vsockd_persist::fdstore::well_known::{conn_stream, is_keeper_conn_uid};
 use vsockd_persist::session::*;
 use vsockd_persist::slot::ConnRecord;
 use vsockd_persist::FdSet;
@@ -254,7 +256,17 @@ impl VsockDevice {
         region.rx_mark_confirmed(last_batch);
         let mut found = Vec::new();
         let mut newest_batch = last_batch;
+        // The worker's uid counter is raised past the uids records name,
+        // and the host-client mark past the keeper uids they name.
         let mut highest_uid = 0;
+        let mut highest_keeper_uid = 0;
+        let mut saw_uid = |uid: u64| {
+            if is_keeper_conn_uid(uid) {
+                highest_keeper_uid = highest_keeper_uid.max(uid);
+            } else {
+                highest_uid = highest_uid.max(uid);
+            }
+        };
         let mut highest_counter = 0;
         for i in 0..region.geometry().conn_slots {
             let Some(mut slot) = region.slot(i) else {
@@ -263,7 +275,7 @@ impl VsockDevice {
             let newest = slot.read();
             let Some(newest) = newest else { continue };
             newest_batch = newest_batch.max(newest.body.rx_batch);
-            highest_uid = highest_uid.max(newest.body.uid);
+            saw_uid(newest.body.uid);
             let accepted = slot.read_where(|c| c.body.rx_batch <= last_batch);
             let record = accepted.map(|c| c.body).unwrap_or_default();
             if accepted != Some(newest) {
@@ -271,7 +283,7 @@ impl VsockDevice {
                 // state, so the next write cannot overwrite it.
                 slot.write(&record);
             }
-            highest_uid = highest_uid.max(record.uid);
+            saw_uid(record.uid);
             if record.uid == 0 {
                 continue;
             }
@@ -295,6 +307,7 @@ impl VsockDevice {
             });
         }
         region.reserve_conn_uids(highest_uid);
+        region.note_host_client(highest_keeper_uid);
         p.tx_log.raise_counter(highest_counter + 1);
         self.muxer.adopt(found, newest_batch);
         Ok(())
