@@ -1896,6 +1896,61 @@ fn killed_right_after_reading_a_connect_line_the_client_gets_its_ok() {
     rig.assert_clean();
 }
 
+/// Regression: a host client accepted by the worker, which died before it
+/// gave the client's socket to the keeper, was closed without its `OK`.
+/// Now the keeper accepts host clients and holds each from that instant:
+/// the worker dies at crash point `host-client` (it got the client from
+/// the keeper and has not recorded it yet), and the next worker takes the
+/// client from its hand-over. The client gets its `OK` and carries bytes
+/// both ways; the worker died exactly once, of that SIGKILL.
+#[test]
+fn host_client_survives_a_worker_killed_before_recording_it() {
+    let mut rig = Rig::with_crash_point("crash-host-client", "host-client");
+    if rig.skip_without_keeper() {
+        return;
+    }
+    let first_worker = rig.ok(
+        rig.backend.worker_pid().ok_or("no worker"),
+        "the first worker",
+    );
+    let (g, h) = rig.pair(7480, false);
+    rig.check_pair(&g, &h, 95, "the host client the worker died for");
+    let restart =
+        format!("worker 1 (pid {first_worker}, generation 1): killed by signal 9 (SIGKILL)");
+    settled_status(&rig, |m| {
+        let line = m.get("restarts.1").cloned().unwrap_or_default();
+        match (m.get("restarts.total").map(String::as_str), m.get("worker.generation")) {
+            (Some("1"), Some(gen)) if gen == "2" && line.ends_with(&restart) => Ok(()),
+            (total, gen) => Err(format!(
+                "restarts.total {total:?}, worker.generation {gen:?}, restarts.1 {line:?} (expected …{restart})"
+            )),
+        }
+    });
+    let log = std::fs::read_to_string(rig.backend.log_path()).unwrap_or_default();
+    for want in [
+        "crash point host-client reached",
+        "1 host clients the keeper accepted were never recorded: taking them",
+    ] {
+        if !log.contains(want) {
+            rig.fail(format!("the log lacks {want:?}"));
+        }
+    }
+    // The worker that took over carries on, both ways.
+    for (i, guest_initiated) in [(1u32, false), (2, true)] {
+        let (g2, h2) = rig.pair(7480 + i, guest_initiated);
+        rig.check_pair(
+            &g2,
+            &h2,
+            95 + u64::from(i),
+            "a new connection after the crash",
+        );
+        rig.ok(g2.close(), "close");
+    }
+    rig.check_pair(&g, &h, 99, "the host client, again");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
 /// `vsockd status` as a map of its `key: value` lines.
 fn status_lines(rig: &Rig) -> Result<BTreeMap<String, String>, String> {
     let out = rig
@@ -2327,9 +2382,9 @@ const CHURN_HANDSHAKE_WAIT: Duration = Duration::from_secs(2);
 /// checkers) and drops it. A kill between a host socket call and its
 /// record may repeat a handshake: the guest's connect reaches the host
 /// service twice (the first connection is closed unused), or a host
-/// client accepted or its CONNECT line read just before the kill is
-/// closed or left unanswered. Those are retried and counted (the second
-/// value).
+/// client whose CONNECT line was read just before the kill is closed or
+/// left unanswered (a client only accepted is not: the keeper holds it).
+/// Those are retried and counted (the second value).
 fn churn_exchange(rig: &Rig, port: u32, guest_initiated: bool, n: u32) -> (Vec<FlowResult>, u32) {
     let vm = rig.vm();
     let seed = 5000 + u64::from(n);
