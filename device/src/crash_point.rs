@@ -16,6 +16,8 @@
 //!   record says so.
 //! * `host-client`: a host client arrived from the keeper, before the
 //!   device recorded it.
+//! * `conn-freed`: a connection's slot was recorded free, before its host
+//!   stream was released (outside an RX batch).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

@@ -1951,6 +1951,52 @@ fn host_client_survives_a_worker_killed_before_recording_it() {
     rig.assert_clean();
 }
 
+/// The other side of the keeper's host clients: one whose connection a
+/// worker recorded and then freed is not taken for a new client when the
+/// worker dies before releasing its stream. The worker dies at crash
+/// point `conn-freed` (the guest refused the client's CONNECT, the slot is
+/// recorded free, the stream not yet released); the next worker finds the
+/// stream in its hand-over with no record naming it, but at or below the
+/// region's host-client mark, and withdraws it: the client is closed, as
+/// without the kill, instead of waiting for an `OK` forever.
+#[test]
+fn a_refused_host_client_is_closed_when_the_worker_dies_freeing_it() {
+    let mut rig = Rig::with_crash_point("crash-conn-freed", "conn-freed");
+    if rig.skip_without_keeper() {
+        return;
+    }
+    let t = Instant::now();
+    match hybrid_connect_timeout(rig.uds(), 7490, Duration::from_secs(5)) {
+        Ok(_) => rig.fail("host CONNECT to an unbound guest port succeeded"),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            rig.fail(format!("the refused host client was never closed: {e}"))
+        }
+        Err(_) => {}
+    }
+    if t.elapsed() > Duration::from_secs(2) {
+        rig.fail(format!("closing the refused client took {:?}", t.elapsed()));
+    }
+    settled_status(&rig, |m| {
+        match m.get("restarts.total").map(String::as_str) {
+            Some("1") => Ok(()),
+            other => Err(format!("restarts.total {other:?} (expected 1)")),
+        }
+    });
+    let log = std::fs::read_to_string(rig.backend.log_path()).unwrap_or_default();
+    if !log.contains("crash point conn-freed reached") {
+        rig.fail("the worker never reached crash point conn-freed");
+    }
+    let (g, h) = rig.pair(7491, false);
+    rig.check_pair(&g, &h, 100, "a host client after the crash");
+    rig.ok(g.close(), "close");
+    rig.assert_clean();
+}
+
 /// `vsockd status` as a map of its `key: value` lines.
 fn status_lines(rig: &Rig) -> Result<BTreeMap<String, String>, String> {
     let out = rig

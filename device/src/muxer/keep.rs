@@ -147,6 +147,7 @@ impl Keep {
             return;
         }
         self.store.commit(slot, &free_record(conn.rx_batch));
+        crate::crash_point::hit("conn-freed");
         self.store.release_streams(&[conn.uid]);
         if discard {
             self.store.discard_data(slot);
