@@ -279,7 +279,9 @@ impl Channel {
 
     fn recv_flags(&self, flags: libc::c_int) -> io::Result<Option<Frame>> {
         let mut header = FrameHeader::default();
-        let mut payload = vec![0u8; MAX_FRAME_BYTES];
+        // Not zeroed: most frames are a header and a few bytes, and the
+        // receive lies on the path of every host client.
+        let mut payload: Vec<u8> = Vec::with_capacity(MAX_FRAME_BYTES);
         let mut iov = [
             libc::iovec {
                 iov_base: header.as_mut_slice().as_mut_ptr().cast(),
@@ -287,7 +289,7 @@ impl Channel {
             },
             libc::iovec {
                 iov_base: payload.as_mut_ptr().cast(),
-                iov_len: payload.len(),
+                iov_len: payload.capacity(),
             },
         ];
         let mut cmsg_buf = [0u64; cmsg_words(MAX_FDS_PER_FRAME + 3)];
@@ -326,7 +328,10 @@ impl Channel {
         }
         let kind = Kind::from_u32(header.kind)
             .ok_or_else(|| invalid(format!("unknown frame kind {}", header.kind)))?;
-        payload.truncate(n - FRAME_HEADER_BYTES);
+        // SAFETY: the frame was not truncated, so recvmsg wrote its `n`
+        // bytes whole: the header, then `n - FRAME_HEADER_BYTES` bytes at
+        // the start of `payload`'s buffer, which its capacity bounds.
+        unsafe { payload.set_len(n - FRAME_HEADER_BYTES) };
         Ok(Some(Frame {
             kind,
             flags: header.flags,
