@@ -2425,12 +2425,11 @@ const CHURN_HANDSHAKE_WAIT: Duration = Duration::from_secs(2);
 
 /// Opens a connection on `port`, exchanges `CHURN_BYTES` each way (each
 /// side half-closes after its bytes; both read to EOF through gap-tolerant
-/// checkers) and drops it. A kill between a host socket call and its
-/// record may repeat a handshake: the guest's connect reaches the host
-/// service twice (the first connection is closed unused), or a host
-/// client whose CONNECT line was read just before the kill is closed or
-/// left unanswered (a client only accepted is not: the keeper holds it).
-/// Those are retried and counted (the second value).
+/// checkers) and drops it. A kill in a handshake should cost nothing: the
+/// keeper holds every host client it accepted, and the next worker
+/// finishes a CONNECT line read or a guest connect made. A connect that
+/// fails the way a cut handshake would (no OK in time, a closed or reset
+/// socket) is still retried, and counted (the second value).
 fn churn_exchange(rig: &Rig, port: u32, guest_initiated: bool, n: u32) -> (Vec<FlowResult>, u32) {
     let vm = rig.vm();
     let seed = 5000 + u64::from(n);
