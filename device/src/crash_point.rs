@@ -5,9 +5,8 @@
 //! `VSOCKD_CRASH_POINT=<name>` or `<name>@<n>` in a worker's environment
 //! makes the worker SIGKILL itself the first (or the `n`th) time it passes
 //! point `<name>`. The keeper passes the variable to the first worker only,
-//! so the worker it restarts carries on. Unset, a point costs one relaxed
-//! atomic load
-//! (the initialised `OnceLock`).
+//! so the worker it restarts carries on. Unset, a point costs one atomic
+//! load (of the initialised `OnceLock`).
 //!
 //! Points, each named where it is passed:
 //! * `guest-connect`: a guest's connect reached the host service, before
