@@ -89,6 +89,11 @@ pub struct Args {
     #[arg(long, value_name = "FD", hide = true)]
     pub worker_link: Option<i32>,
 
+    /// Internal, with --worker-link: start as a standby for an upgrade,
+    /// ready to take over from the running worker when it has quiesced.
+    #[arg(long, hide = true, requires = "worker_link")]
+    pub standby: bool,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,
@@ -101,11 +106,18 @@ pub enum Command {
     /// and their causes, whether a VMM is connected, open connections and
     /// where each virtqueue stands.
     Status(StatusArgs),
+    /// Replace the running worker with one started from the vsockd binary
+    /// now on disk (where the instance was started from), keeping every
+    /// connection: the old worker stops serving between two packets, the
+    /// new one takes its state over, and the old one exits. If the new
+    /// worker cannot start or take over, the old one serves on and this
+    /// exits non-zero with the reason.
+    Upgrade(UpgradeArgs),
 }
 
-/// `vsockd status`.
+/// Which running instance a subcommand asks.
 #[derive(Debug, clap::Args)]
-pub struct StatusArgs {
+pub struct Target {
     /// The instance's vhost-user socket: its control socket "<PATH>.ctl"
     /// is asked.
     #[arg(long, value_name = "PATH", conflicts_with = "control_socket")]
@@ -114,6 +126,27 @@ pub struct StatusArgs {
     /// The instance's control socket (as given to its --control-socket).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+}
+
+impl Target {
+    /// The control socket to ask (`command` names the subcommand in the
+    /// error).
+    pub fn control_path(&self, command: &str) -> Result<PathBuf, String> {
+        match (&self.control_socket, &self.socket_path) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(s)) => Ok(crate::control::default_path(s)),
+            (None, None) => Err(format!(
+                "{command}: one of --socket-path or --control-socket is required"
+            )),
+        }
+    }
+}
+
+/// `vsockd status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: Target,
 
     /// Print one JSON document instead of "key: value" lines.
     #[arg(long)]
@@ -123,13 +156,21 @@ pub struct StatusArgs {
 impl StatusArgs {
     /// The control socket to ask.
     pub fn control_path(&self) -> Result<PathBuf, String> {
-        match (&self.control_socket, &self.socket_path) {
-            (Some(p), _) => Ok(p.clone()),
-            (None, Some(s)) => Ok(crate::control::default_path(s)),
-            (None, None) => {
-                Err("status: one of --socket-path or --control-socket is required".into())
-            }
-        }
+        self.target.control_path("status")
+    }
+}
+
+/// `vsockd upgrade`.
+#[derive(Debug, clap::Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+impl UpgradeArgs {
+    /// The control socket to ask.
+    pub fn control_path(&self) -> Result<PathBuf, String> {
+        self.target.control_path("upgrade")
     }
 }
 
@@ -149,8 +190,10 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 impl Args {
     /// Checks what clap cannot: which options go together.
     pub fn validate(&self) -> Result<(), String> {
-        if let Some(Command::Status(status)) = &self.command {
-            return status.control_path().map(|_| ());
+        match &self.command {
+            Some(Command::Status(status)) => return status.control_path().map(|_| ()),
+            Some(Command::Upgrade(upgrade)) => return upgrade.control_path().map(|_| ()),
+            None => {}
         }
         if self.print_capabilities {
             return Ok(());
@@ -213,7 +256,7 @@ mod tests {
     }
 
     #[test]
-    fn status_takes_one_of_two_paths() {
+    fn status_and_upgrade_take_one_of_two_paths() {
         let a = parse(&["status", "--socket-path", "/r/v.sock", "--json"]);
         let Some(Command::Status(s)) = &a.command else {
             panic!("{a:?}");
@@ -223,8 +266,17 @@ mod tests {
         assert!(a.validate().is_ok());
         let a = parse(&["status"]);
         assert!(a.validate().unwrap_err().contains("--socket-path"));
+        let a = parse(&["upgrade", "--control-socket", "/r/c"]);
+        let Some(Command::Upgrade(u)) = &a.command else {
+            panic!("{a:?}");
+        };
+        assert_eq!(u.control_path(), Ok(PathBuf::from("/r/c")));
+        let a = parse(&["upgrade"]);
+        assert!(a.validate().unwrap_err().starts_with("upgrade: one of"));
         for bad in [
             &["status", "--socket-path", "/a", "--control-socket", "/b"][..],
+            &["upgrade", "--socket-path", "/a", "--control-socket", "/b"],
+            &["--standby", "--socket-path", "/a", "--uds-path", "/h"],
             &["--uds-path", "/h", "status", "--socket-path", "/a"],
         ] {
             assert!(

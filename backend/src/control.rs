@@ -9,6 +9,8 @@
 //! ```text
 //!   status        ->  ok\n, then the status as text (key: value lines)
 //!   status json   ->  ok\n, then the status as one JSON document
+//!   upgrade       ->  ok\n, then what the upgrade did, once it is done
+//!                     or error: <why>\n (the old worker serves on)
 //!   anything else ->  error: <why>\n
 //! ```
 //!
@@ -19,10 +21,17 @@
 //!
 //! ```text
 //!   accepted --request line--> answering --all written--> closed
-//!      |                           |
+//!      |            |               |
+//!      |         upgrade            |
+//!      |            v               |
+//!      |         waiting --the upgrade ended--> answering
+//!      |            |               |
 //!      +--- junk, too long, -------+--- past its deadline ---> closed
 //!           (error line first)
 //! ```
+//!
+//! A waiting client's deadline is [`UPGRADE_DEADLINE`], longer than any
+//! upgrade may take; one that leaves meanwhile does not stop the upgrade.
 //!
 //! Invariants, so that serving this socket never holds up the vhost-user
 //! messages or the datapath of the loop it runs in:
@@ -65,6 +74,8 @@ pub const EVENTS_PER_CALL: usize = 32;
 pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// How long `vsockd status` waits for each read or write.
 pub const CLIENT_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waiting for an upgrade's answer may stay.
+pub const UPGRADE_DEADLINE: Duration = Duration::from_secs(60);
 /// Bytes read and dropped from a client being closed.
 const MAX_DISCARDED_BYTES: usize = 64 * 1024;
 /// Characters of a bad request quoted back in the error line and the log.
@@ -99,9 +110,9 @@ pub enum ControlError {
     Timer(#[source] io::Error),
 }
 
-/// Errors of `vsockd status`, the client.
+/// Errors of `vsockd status` and `vsockd upgrade`, the clients.
 #[derive(Debug, Error)]
-pub enum StatusError {
+pub enum ClientError {
     /// Nothing listens there (not running, or another path).
     #[error("{path}: cannot connect: {source}")]
     Connect {
@@ -129,6 +140,16 @@ pub enum StatusError {
 enum Request {
     Text,
     Json,
+    Upgrade,
+}
+
+/// What the process serving the control socket does for its requests.
+pub trait Requests {
+    /// What `vsockd status` reports now.
+    fn snapshot(&mut self) -> Snapshot;
+    /// Starts an upgrade, whose end is told with
+    /// [`ControlServer::finish_upgrade`]; an error is answered at once.
+    fn start_upgrade(&mut self) -> Result<(), String>;
 }
 
 /// Parses a request line (without its newline).
@@ -137,11 +158,12 @@ fn parse_request(line: &[u8]) -> Result<Request, String> {
     match line {
         b"status" => Ok(Request::Text),
         b"status json" => Ok(Request::Json),
+        b"upgrade" => Ok(Request::Upgrade),
         other => {
             let text = String::from_utf8_lossy(other);
             let quoted: String = text.chars().take(QUOTED_REQUEST_CHARS).collect();
             Err(format!(
-                "unknown request {quoted:?}{}; expected \"status\" or \"status json\"",
+                "unknown request {quoted:?}{}; expected \"status\", \"status json\" or \"upgrade\"",
                 if text.chars().count() > QUOTED_REQUEST_CHARS {
                     " (cut)"
                 } else {
@@ -152,19 +174,27 @@ fn parse_request(line: &[u8]) -> Result<Request, String> {
     }
 }
 
-/// The answer to a request, as sent (`snapshot` is called only for a
-/// valid request).
+/// The answer to a status request, or to a request that failed, as sent
+/// (`snapshot` is called only for a status request).
 fn answer(request: Result<Request, String>, snapshot: &mut dyn FnMut() -> Snapshot) -> Vec<u8> {
     match request {
         Ok(Request::Text) => format!("ok\n{}", snapshot().to_text()).into_bytes(),
         Ok(Request::Json) => format!("ok\n{}", snapshot().to_json().pretty()).into_bytes(),
-        Err(why) => format!("error: {why}\n").into_bytes(),
+        Ok(Request::Upgrade) => b"error: no upgrade to answer\n".to_vec(),
+        Err(why) => error_answer(&why),
     }
+}
+
+/// An error answer: one line.
+fn error_answer(why: &str) -> Vec<u8> {
+    format!("error: {}\n", why.replace('\n', "; ")).into_bytes()
 }
 
 enum Phase {
     /// Reading the request line.
     Reading(Vec<u8>),
+    /// Waiting for the upgrade it asked for to end.
+    Waiting,
     /// Writing the answer; bytes written so far.
     Answering { bytes: Vec<u8>, written: usize },
 }
@@ -270,9 +300,9 @@ impl ControlServer {
     }
 
     /// Accepts, reads and answers what is ready now, without blocking;
-    /// `snapshot` is called at most once, and only if a request is to be
-    /// answered.
-    pub fn handle_events(&mut self, snapshot: &mut dyn FnMut() -> Snapshot) {
+    /// `requests.snapshot` is called at most once, and only if a status
+    /// request is to be answered.
+    pub fn handle_events(&mut self, requests: &mut dyn Requests) {
         let mut events = [epoll::Event::new(epoll::Events::empty(), 0); EVENTS_PER_CALL];
         let n = match epoll::wait(self.epoll.as_raw_fd(), 0, &mut events) {
             Ok(n) => n,
@@ -289,13 +319,28 @@ impl ControlServer {
                 TIMER_TOKEN => self.drain_timer(),
                 token => {
                     let next = self.on_client(token);
-                    self.apply(token, next, &mut || {
-                        taken.get_or_insert_with(&mut *snapshot).clone()
-                    });
+                    self.apply(token, next, requests, &mut taken);
                 }
             }
         }
         self.expire(Instant::now());
+    }
+
+    /// Answers the clients waiting for the upgrade that just ended.
+    pub fn finish_upgrade(&mut self, result: &Result<String, String>) {
+        let bytes = match result {
+            Ok(text) => format!("ok\n{text}").into_bytes(),
+            Err(why) => error_answer(why),
+        };
+        let waiting: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| matches!(c.phase, Phase::Waiting))
+            .map(|(&t, _)| t)
+            .collect();
+        for token in waiting {
+            self.start_answer(token, bytes.clone());
+        }
     }
 
     fn accept_all(&mut self) {
@@ -369,40 +414,67 @@ impl ControlServer {
         };
         match &mut client.phase {
             Phase::Reading(request) => read_request(&mut client.stream, request),
+            Phase::Waiting => watch_waiting(&mut client.stream),
             Phase::Answering { bytes, written } => write_answer(&mut client.stream, bytes, written),
         }
     }
 
-    fn apply(&mut self, token: u64, next: Next, snapshot: &mut dyn FnMut() -> Snapshot) {
+    fn apply(
+        &mut self,
+        token: u64,
+        next: Next,
+        requests: &mut dyn Requests,
+        taken: &mut Option<Snapshot>,
+    ) {
         match next {
             Next::Keep => {}
             Next::Close(why) => self.close(token, why),
+            Next::Answer(Ok(Request::Upgrade)) => match requests.start_upgrade() {
+                Ok(()) => {
+                    info!("control socket: upgrade requested");
+                    if let Some(client) = self.clients.get_mut(&token) {
+                        client.phase = Phase::Waiting;
+                    }
+                }
+                Err(why) => {
+                    warn!("control socket: upgrade refused: {why}");
+                    self.start_answer(token, error_answer(&why));
+                }
+            },
             Next::Answer(request) => {
                 if let Err(why) = &request {
                     warn!("control socket: {why}; closing that client");
                 }
-                let bytes = answer(request, snapshot);
-                let Some(client) = self.clients.get_mut(&token) else {
-                    return;
-                };
-                let mut written = 0;
-                let next = write_answer(&mut client.stream, &bytes, &mut written);
-                if let Next::Keep = next {
-                    client.phase = Phase::Answering { bytes, written };
-                    let fd = client.stream.as_raw_fd();
-                    let res = self.watch(
-                        epoll::ControlOptions::EPOLL_CTL_MOD,
-                        fd,
-                        token,
-                        epoll::Events::EPOLLOUT,
-                    );
-                    if let Err(e) = res {
-                        self.close(token, Some(e.to_string()));
-                    }
-                } else {
-                    self.close(token, None);
-                }
+                let bytes = answer(request, &mut || {
+                    taken.get_or_insert_with(|| requests.snapshot()).clone()
+                });
+                self.start_answer(token, bytes);
             }
+        }
+    }
+
+    /// Writes what it can of `bytes` to client `token`, and the rest as it
+    /// becomes writable; closes it once all is written.
+    fn start_answer(&mut self, token: u64, bytes: Vec<u8>) {
+        let Some(client) = self.clients.get_mut(&token) else {
+            return;
+        };
+        let mut written = 0;
+        let next = write_answer(&mut client.stream, &bytes, &mut written);
+        if let Next::Keep = next {
+            client.phase = Phase::Answering { bytes, written };
+            let fd = client.stream.as_raw_fd();
+            let res = self.watch(
+                epoll::ControlOptions::EPOLL_CTL_MOD,
+                fd,
+                token,
+                epoll::Events::EPOLLOUT,
+            );
+            if let Err(e) = res {
+                self.close(token, Some(e.to_string()));
+            }
+        } else {
+            self.close(token, None);
         }
     }
 
@@ -419,22 +491,31 @@ impl ControlServer {
 
     /// Closes clients past their deadline and arms the timer for the next.
     fn expire(&mut self, now: Instant) {
-        let late: Vec<u64> = self
+        let base = self.deadline;
+        let deadline = |c: &Client| {
+            let allowed = match c.phase {
+                Phase::Waiting => base.max(UPGRADE_DEADLINE),
+                _ => base,
+            };
+            (c.accepted + allowed, allowed)
+        };
+        let late: Vec<(u64, Duration)> = self
             .clients
             .iter()
-            .filter(|(_, c)| now >= c.accepted + self.deadline)
-            .map(|(&t, _)| t)
+            .map(|(&t, c)| (t, deadline(c)))
+            .filter(|(_, (at, _))| now >= *at)
+            .map(|(t, (_, allowed))| (t, allowed))
             .collect();
-        for token in late {
+        for (token, allowed) in late {
             self.close(
                 token,
-                Some(format!("no complete exchange within {:?}", self.deadline)),
+                Some(format!("no complete exchange within {allowed:?}")),
             );
         }
         let next = self
             .clients
             .values()
-            .map(|c| (c.accepted + self.deadline).saturating_duration_since(now))
+            .map(|c| deadline(c).0.saturating_duration_since(now))
             .min();
         if let Err(e) = self.arm_timer(next) {
             warn!("control socket: cannot arm the deadline timer: {e}");
@@ -508,6 +589,24 @@ fn read_request(stream: &mut UnixStream, request: &mut Vec<u8>) -> Next {
     }
 }
 
+/// A client waiting for an upgrade's answer: closed if it left (the
+/// upgrade goes on); what else it sends is dropped.
+fn watch_waiting(stream: &mut UnixStream) -> Next {
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                info!("control socket: the client that asked for the upgrade left; it goes on");
+                return Next::Close(None);
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Keep,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Next::Close(Some(format!("read failed: {e}"))),
+        }
+    }
+}
+
 /// Reads and drops what the client sent beyond its request (at most
 /// [`MAX_DISCARDED_BYTES`]): a Unix socket closed with unread bytes resets
 /// the connection, and the client would read an error instead of the end
@@ -543,27 +642,39 @@ fn write_answer(stream: &mut UnixStream, bytes: &[u8], written: &mut usize) -> N
 }
 
 /// `vsockd status`: asks the instance at control socket `path`.
-pub fn request_status(path: &Path, json: bool) -> Result<String, StatusError> {
-    let mut stream = UnixStream::connect(path).map_err(|source| StatusError::Connect {
+pub fn request_status(path: &Path, json: bool) -> Result<String, ClientError> {
+    let line: &[u8] = if json { b"status json\n" } else { b"status\n" };
+    request(path, line, CLIENT_IO_TIMEOUT)
+}
+
+/// `vsockd upgrade`: asks the instance at control socket `path` to
+/// upgrade its worker, and waits for the outcome.
+pub fn request_upgrade(path: &Path) -> Result<String, ClientError> {
+    request(path, b"upgrade\n", UPGRADE_DEADLINE)
+}
+
+/// Sends one request line and reads the answer, waiting at most
+/// `timeout` for each read or write.
+fn request(path: &Path, request: &[u8], timeout: Duration) -> Result<String, ClientError> {
+    let mut stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
         path: path.to_owned(),
         source,
     })?;
-    let exchange = |source| StatusError::Exchange {
+    let exchange = |source| ClientError::Exchange {
         path: path.to_owned(),
         source,
     };
     stream
-        .set_read_timeout(Some(CLIENT_IO_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(CLIENT_IO_TIMEOUT)))
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(exchange)?;
-    let request: &[u8] = if json { b"status json\n" } else { b"status\n" };
     stream.write_all(request).map_err(exchange)?;
     let mut bytes = Vec::new();
     (&mut stream)
         .take(MAX_ANSWER_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(exchange)?;
-    let protocol = |what: String| StatusError::Protocol {
+    let protocol = |what: String| ClientError::Protocol {
         path: path.to_owned(),
         what,
     };
@@ -576,7 +687,7 @@ pub fn request_status(path: &Path, json: bool) -> Result<String, StatusError> {
         return Ok(rest.to_string());
     }
     if let Some(message) = first.strip_prefix("error: ") {
-        return Err(StatusError::Refused {
+        return Err(ClientError::Refused {
             path: path.to_owned(),
             message: message.to_string(),
         });
@@ -592,6 +703,28 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
+    /// Requests answered from the fixed test snapshot.
+    #[derive(Default)]
+    struct Fake {
+        /// Refuse upgrades with this.
+        refuse_upgrade: Option<String>,
+        upgrades: u32,
+        /// Fail the test if a snapshot is taken.
+        no_snapshot: bool,
+    }
+
+    impl Requests for Fake {
+        fn snapshot(&mut self) -> Snapshot {
+            assert!(!self.no_snapshot, "no snapshot expected");
+            snapshot()
+        }
+
+        fn start_upgrade(&mut self) -> Result<(), String> {
+            self.upgrades += 1;
+            self.refuse_upgrade.clone().map_or(Ok(()), Err)
+        }
+    }
+
     fn server(name: &str) -> (ControlServer, PathBuf) {
         let dir = std::env::temp_dir().join(format!("vsockd-ctl-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -603,11 +736,19 @@ mod tests {
 
     /// Runs the server until `client` has read its whole answer.
     fn exchange(server: &mut ControlServer, client: &mut UnixStream) -> String {
+        exchange_with(server, client, &mut Fake::default())
+    }
+
+    fn exchange_with(
+        server: &mut ControlServer,
+        client: &mut UnixStream,
+        requests: &mut Fake,
+    ) -> String {
         client.set_nonblocking(true).unwrap();
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            server.handle_events(&mut snapshot);
+            server.handle_events(requests);
             let mut buf = [0u8; 4096];
             match client.read(&mut buf) {
                 Ok(0) => return String::from_utf8(got).unwrap(),
@@ -625,12 +766,14 @@ mod tests {
         assert_eq!(parse_request(b"status"), Ok(Request::Text));
         assert_eq!(parse_request(b"status\r"), Ok(Request::Text));
         assert_eq!(parse_request(b"status json"), Ok(Request::Json));
+        assert_eq!(parse_request(b"upgrade"), Ok(Request::Upgrade));
         for junk in [
             &b"STATUS"[..],
             b"status  json",
             b"",
             b"\xff\xfe",
             b"status xml",
+            b"upgrade now",
         ] {
             assert!(parse_request(junk).is_err(), "{junk:?}");
         }
@@ -681,7 +824,7 @@ mod tests {
             .map(|_| UnixStream::connect(&path).unwrap())
             .collect();
         for _ in 0..10 {
-            server.handle_events(&mut snapshot);
+            server.handle_events(&mut Fake::default());
         }
         assert_eq!(server.clients.len(), MAX_CLIENTS);
         // The two oldest were closed to make room.
@@ -720,7 +863,7 @@ mod tests {
             // SAFETY: poll(2) over one local pollfd.
             let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
             assert_eq!(n, 1, "the server's descriptor never became readable");
-            server.handle_events(&mut snapshot);
+            server.handle_events(&mut Fake::default());
             match silent.read(&mut b) {
                 Ok(0) => break,
                 Ok(_) => panic!("a silent client got an answer"),
@@ -738,7 +881,10 @@ mod tests {
         let (mut server, path) = server("probe");
         drop(UnixStream::connect(&path).unwrap());
         for _ in 0..10 {
-            server.handle_events(&mut || panic!("no snapshot for a probe"));
+            server.handle_events(&mut Fake {
+                no_snapshot: true,
+                ..Fake::default()
+            });
         }
         assert!(server.clients.is_empty());
     }
@@ -750,7 +896,7 @@ mod tests {
         let stop2 = stop.clone();
         let thread = std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
-                server.handle_events(&mut snapshot);
+                server.handle_events(&mut Fake::default());
                 std::thread::sleep(Duration::from_millis(1));
             }
             server
@@ -763,8 +909,74 @@ mod tests {
         drop(thread.join().unwrap());
         assert!(!path.exists(), "the socket is removed with the server");
         let e = request_status(&path, false).unwrap_err();
-        assert!(matches!(e, StatusError::Connect { .. }), "{e}");
+        assert!(matches!(e, ClientError::Connect { .. }), "{e}");
         assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    }
+
+    /// Polls the server with `requests` until `client` is answered or
+    /// `rounds` polls passed; returns what it read.
+    fn poll_answer(
+        server: &mut ControlServer,
+        client: &mut UnixStream,
+        requests: &mut Fake,
+        rounds: u32,
+    ) -> Vec<u8> {
+        client.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..rounds {
+            server.handle_events(requests);
+            let mut buf = [0u8; 256];
+            match client.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        got
+    }
+
+    #[test]
+    fn an_upgrade_is_answered_when_it_ends_and_a_refusal_at_once() {
+        let (mut server, path) = server("upgrade");
+        let mut fake = Fake::default();
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"upgrade\n").unwrap();
+        // Started, not answered: the client waits, past the status
+        // deadline too.
+        assert!(poll_answer(&mut server, &mut c, &mut fake, 20).is_empty());
+        assert_eq!(fake.upgrades, 1);
+        server.expire(Instant::now() + CLIENT_DEADLINE);
+        assert_eq!(server.clients.len(), 1);
+        // A status request meanwhile is answered.
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"status\n").unwrap();
+        assert!(exchange_with(&mut server, &mut s, &mut fake).starts_with("ok\n"));
+        server.finish_upgrade(&Ok("upgraded\n".into()));
+        let text = exchange_with(&mut server, &mut c, &mut fake);
+        assert_eq!(text, "ok\nupgraded\n");
+        // One that fails.
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"upgrade\n").unwrap();
+        assert!(poll_answer(&mut server, &mut c, &mut fake, 20).is_empty());
+        server.finish_upgrade(&Err("the new worker died\nof SIGABRT".into()));
+        let text = exchange_with(&mut server, &mut c, &mut fake);
+        assert_eq!(text, "error: the new worker died; of SIGABRT\n");
+        // One refused at once.
+        fake.refuse_upgrade = Some("no worker is ready".into());
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"upgrade\n").unwrap();
+        let text = exchange_with(&mut server, &mut c, &mut fake);
+        assert_eq!(text, "error: no worker is ready\n");
+        assert_eq!(fake.upgrades, 3);
+        // A waiting client is closed at the upgrade deadline.
+        fake.refuse_upgrade = None;
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(b"upgrade\n").unwrap();
+        assert!(poll_answer(&mut server, &mut c, &mut fake, 20).is_empty());
+        server.expire(Instant::now() + UPGRADE_DEADLINE);
+        assert!(server.clients.is_empty());
     }
 
     #[test]

@@ -30,14 +30,14 @@ use log::{debug, info, warn};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::conn_store::RegionStore;
-use crate::control::ControlServer;
+use crate::control::{ControlServer, Requests};
 use crate::error::BackendError;
 use crate::handler::{kick_token, DeviceConfig, VsockDevice, RX_QUEUE, TX_QUEUE};
 use crate::persistence::Persistence;
 use crate::signals::ExitSignals;
 use crate::status::{Mode, RestartLog, Snapshot, WorkerInfo, WorkerState};
 use crate::unix_host::UnixHost;
-use crate::worker_link::{KeeperLink, LinkEvent};
+use crate::worker_link::{KeeperLink, LinkEvent, QuiesceEnd};
 use vsockd_device::{Muxer, MuxerConfig};
 use vsockd_persist::channel::FLAG_CLOSE;
 use vsockd_persist::fdstore::well_known::{conn_uid, is_keeper_conn_uid, FIRST_WORKER_ID};
@@ -92,6 +92,8 @@ struct EventLoop {
     device: Arc<Mutex<VsockDevice>>,
     signals: ExitSignals,
     status: Option<StatusServer>,
+    /// A keeper's worker: its generation (0 without a keeper).
+    generation: u64,
 }
 
 impl EventLoop {
@@ -177,7 +179,7 @@ impl EventLoop {
         );
         let device = &self.device;
         let (socket, started_at) = (&status.socket_label, status.started_at);
-        status.control.handle_events(&mut || Snapshot {
+        let mut snapshot = || Snapshot {
             socket: socket.clone(),
             mode: Mode::Alone,
             keeper: None,
@@ -191,6 +193,9 @@ impl EventLoop {
             frontend_connected,
             source: "worker",
             device: lock(device).status_figures(),
+        };
+        status.control.handle_events(&mut AloneRequests {
+            snapshot: &mut snapshot,
         });
     }
 
@@ -207,10 +212,28 @@ impl EventLoop {
                     LISTENER_TOKEN => self.accept_frontend()?,
                     FRONTEND_TOKEN => self.frontend_request()?,
                     LINK_TOKEN => {
-                        if let Control::Keeper(link) = &mut self.control {
-                            if let LinkEvent::KeeperGone = link.on_readable(&self.device) {
+                        let Control::Keeper(link) = &mut self.control else {
+                            continue;
+                        };
+                        match link.on_readable(&self.device) {
+                            LinkEvent::Idle => {}
+                            LinkEvent::KeeperGone => {
                                 info!("the keeper is gone: exiting");
                                 return Ok(());
+                            }
+                            LinkEvent::Quiesce => {
+                                // Between two handlers nothing is half
+                                // done: the events not handled yet (and
+                                // the queues) are left to the successor,
+                                // or to this worker after a resume.
+                                let signals = self.signals.fd();
+                                match link.quiesce(&self.device, self.generation, signals) {
+                                    QuiesceEnd::Exit => {
+                                        info!("worker retired: exiting");
+                                        return Ok(());
+                                    }
+                                    QuiesceEnd::Resume => break,
+                                }
                             }
                         }
                     }
@@ -244,6 +267,21 @@ impl EventLoop {
     }
 }
 
+/// What a worker without a keeper answers on its control socket.
+struct AloneRequests<'a> {
+    snapshot: &'a mut dyn FnMut() -> Snapshot,
+}
+
+impl Requests for AloneRequests<'_> {
+    fn snapshot(&mut self) -> Snapshot {
+        (self.snapshot)()
+    }
+
+    fn start_upgrade(&mut self) -> Result<(), String> {
+        Err("this instance runs without a keeper (--no-keeper), so it cannot be upgraded in place; restart it instead".into())
+    }
+}
+
 /// What every loop has: its epoll set (already polling the exit signals
 /// and the muxer), the device and the signals.
 struct Parts {
@@ -260,6 +298,7 @@ impl Parts {
             device: self.device,
             signals: self.signals,
             status: None,
+            generation: 0,
         }
     }
 }
@@ -329,91 +368,128 @@ pub fn serve(
     el.run()
 }
 
-/// Serves as a keeper's worker: adopts the session in `region` with the
-/// fds handed over, takes the host clients no worker recorded, tells the
-/// keeper it is ready, and serves until the keeper goes away or a signal
-/// comes.
-///
-/// A host client's stream in the hand-over under a keeper uid that no
-/// record named, above the region's host-client mark, was accepted by the
-/// keeper and never recorded by a dead worker (it died before the frame
-/// reached it, or before it wrote the record): it is taken as a new
-/// client. At or below the mark it belonged to a connection a worker
-/// recorded and then freed, and is withdrawn with every other id left.
-pub fn serve_worker(
+/// A keeper's worker built and linked, before it takes the session over:
+/// what a standby worker prepares while the worker it replaces still
+/// serves.
+pub struct PreparedWorker {
+    parts: Parts,
     link: Channel,
     region: Region,
-    mut fds: FdSet,
+}
+
+/// Builds a keeper's worker over `region` (mapped, not yet written).
+pub fn prepare_worker(
+    link: Channel,
+    region: Region,
     host: UnixHost,
-    cfg: ServeConfig,
-) -> Result<(), BackendError> {
-    let generation = region.next_generation();
-    let keeper = link.try_clone().map_err(BackendError::Link)?;
-    let link_fd = link.as_raw_fd();
-    let parts = build(host, &cfg)?;
-    let marks = region.clone();
-    let mut close = 0;
-    let (features, protocol_features) = {
-        let mut dev = lock(&parts.device);
-        let store_link = keeper.try_clone().map_err(BackendError::Link)?;
-        dev.muxer
-            .set_store(Box::new(RegionStore::new(region.clone(), store_link)));
-        let persistence = Persistence::new(region, keeper).ok_or_else(|| {
-            BackendError::Link(io::Error::other("the state region has no TX inflight log"))
-        })?;
-        dev.set_persistence(persistence);
-        match dev.adopt(&mut fds) {
-            Ok(true) => info!("worker generation {generation}: session adopted"),
-            Ok(false) => info!("worker generation {generation}: no session to adopt"),
-            Err(e) => {
-                warn!("worker generation {generation} cannot adopt the session, dropping it: {e}");
-                dev.end_session();
-                if let Some(p) = dev.persistence() {
-                    p.free_conn_slots();
+    cfg: &ServeConfig,
+) -> Result<PreparedWorker, BackendError> {
+    let parts = build(host, cfg)?;
+    Ok(PreparedWorker {
+        parts,
+        link,
+        region,
+    })
+}
+
+impl PreparedWorker {
+    /// The link to the keeper.
+    pub fn link(&self) -> &Channel {
+        &self.link
+    }
+
+    /// Takes the session in the region over with the fds handed over,
+    /// takes the host clients no worker recorded, tells the keeper it is
+    /// ready, and serves until the keeper goes away, retires it, or a
+    /// signal comes.
+    ///
+    /// Taking the generation is the first write to the region: until
+    /// then, the worker this one replaces may serve on (see `keeper`).
+    ///
+    /// A host client's stream in the hand-over under a keeper uid that no
+    /// record named, above the region's host-client mark, was accepted by
+    /// the keeper and never recorded by a dead worker (it died before the
+    /// frame reached it, or before it wrote the record): it is taken as a
+    /// new client. At or below the mark it belonged to a connection a
+    /// worker recorded and then freed, and is withdrawn with every other
+    /// id left.
+    pub fn serve(self, mut fds: FdSet) -> Result<(), BackendError> {
+        let PreparedWorker {
+            parts,
+            link,
+            region,
+        } = self;
+        let generation = region.next_generation();
+        vsockd_device::crash_point::hit("standby-adopt");
+        let keeper = link.try_clone().map_err(BackendError::Link)?;
+        let link_fd = link.as_raw_fd();
+        let marks = region.clone();
+        let mut close = 0;
+        let (features, protocol_features) = {
+            let mut dev = lock(&parts.device);
+            let store_link = keeper.try_clone().map_err(BackendError::Link)?;
+            dev.muxer
+                .set_store(Box::new(RegionStore::new(region.clone(), store_link)));
+            let persistence = Persistence::new(region, keeper).ok_or_else(|| {
+                BackendError::Link(io::Error::other("the state region has no TX inflight log"))
+            })?;
+            dev.set_persistence(persistence);
+            match dev.adopt(&mut fds) {
+                Ok(true) => info!("worker generation {generation}: session adopted"),
+                Ok(false) => info!("worker generation {generation}: no session to adopt"),
+                Err(e) => {
+                    warn!(
+                        "worker generation {generation} cannot adopt the session, dropping it: {e}"
+                    );
+                    dev.end_session();
+                    if let Some(p) = dev.persistence() {
+                        p.free_conn_slots();
+                    }
+                    let seq = dev.persistence().map_or(0, |p| p.msg_seq);
+                    dev.commit_session(seq, &[]);
+                    close = FLAG_CLOSE;
                 }
-                let seq = dev.persistence().map_or(0, |p| p.msg_seq);
-                dev.commit_session(seq, &[]);
-                close = FLAG_CLOSE;
             }
-        }
-        // After adoption, which raises the mark past the keeper uids that
-        // records name.
-        let recorded = marks.last_host_client_uid();
-        let unrecorded = fds.take_where(|id| {
-            conn_uid(id).is_some_and(|uid| is_keeper_conn_uid(uid) && uid > recorded)
-        });
-        if !unrecorded.is_empty() {
-            info!(
-                "{} host clients the keeper accepted were never recorded: taking them",
-                unrecorded.len()
-            );
-        }
-        for (id, fd) in unrecorded {
-            let Some(uid) = conn_uid(id) else { continue };
-            let stream = UnixStream::from(fd);
-            if let Err(e) = stream.set_nonblocking(true) {
-                warn!("host client {uid}: {e}");
+            // After adoption, which raises the mark past the keeper uids
+            // that records name.
+            let recorded = marks.last_host_client_uid();
+            let unrecorded = fds.take_where(|id| {
+                conn_uid(id).is_some_and(|uid| is_keeper_conn_uid(uid) && uid > recorded)
+            });
+            if !unrecorded.is_empty() {
+                info!(
+                    "{} host clients the keeper accepted were never recorded: taking them",
+                    unrecorded.len()
+                );
             }
-            debug!("host client {uid}: taken from the hand-over (recorded up to {recorded})");
-            dev.muxer.add_host_client(stream, uid);
-        }
-        let stale: Vec<u64> = fds
-            .unreferenced()
-            .into_iter()
-            .filter(|&id| id >= FIRST_WORKER_ID)
-            .collect();
-        if let Some(p) = dev.persistence() {
-            p.withdraw(&stale);
-        }
-        dev.features()
-    };
-    let mut keeper_link = KeeperLink::new(link, &parts.device).map_err(BackendError::Link)?;
-    keeper_link.prime(features, protocol_features);
-    keeper_link
-        .send(Kind::Ready, close, generation)
-        .map_err(BackendError::Link)?;
-    let mut el = parts.into_loop(Control::Keeper(keeper_link));
-    el.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, link_fd, LINK_TOKEN)?;
-    lock(&el.device).process_queues();
-    el.run()
+            for (id, fd) in unrecorded {
+                let Some(uid) = conn_uid(id) else { continue };
+                let stream = UnixStream::from(fd);
+                if let Err(e) = stream.set_nonblocking(true) {
+                    warn!("host client {uid}: {e}");
+                }
+                debug!("host client {uid}: taken from the hand-over (recorded up to {recorded})");
+                dev.muxer.add_host_client(stream, uid);
+            }
+            let stale: Vec<u64> = fds
+                .unreferenced()
+                .into_iter()
+                .filter(|&id| id >= FIRST_WORKER_ID)
+                .collect();
+            if let Some(p) = dev.persistence() {
+                p.withdraw(&stale);
+            }
+            dev.features()
+        };
+        let mut keeper_link = KeeperLink::new(link, &parts.device).map_err(BackendError::Link)?;
+        keeper_link.prime(features, protocol_features);
+        keeper_link
+            .send(Kind::Ready, close, generation)
+            .map_err(BackendError::Link)?;
+        let mut el = parts.into_loop(Control::Keeper(keeper_link));
+        el.generation = generation;
+        el.ctl(epoll::ControlOptions::EPOLL_CTL_ADD, link_fd, LINK_TOKEN)?;
+        lock(&el.device).process_queues();
+        el.run()
+    }
 }

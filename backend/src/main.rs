@@ -19,22 +19,21 @@ mod worker_link;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
 use log::info;
 
-use crate::cli::{Args, Command, StatusArgs};
+use crate::cli::{Args, Command, StatusArgs, UpgradeArgs};
 use crate::control::ControlServer;
 use crate::error::BackendError;
-use crate::event_loop::{serve, serve_worker, ServeConfig, StatusServer};
+use crate::event_loop::{prepare_worker, serve, PreparedWorker, ServeConfig, StatusServer};
 use crate::handler::DeviceConfig;
 use crate::keeper::{Keeper, KeeperConfig};
 use crate::unix_host::UnixHost;
 use vsockd_persist::fdstore::well_known;
-use vsockd_persist::{Channel, FdSet, Geometry, Region};
+use vsockd_persist::{Channel, FdSet, Geometry, Kind, Region, LAYOUT_VERSION};
 
 /// Exit status for usage errors (as clap and sysexits' EX_USAGE-like tools).
 const EXIT_USAGE: u8 = 2;
@@ -60,8 +59,10 @@ fn main() -> ExitCode {
         eprintln!("vsockd: {msg}");
         return ExitCode::from(EXIT_USAGE);
     }
-    if let Some(Command::Status(status)) = &args.command {
-        return run_status(status);
+    match &args.command {
+        Some(Command::Status(status)) => return run_status(status),
+        Some(Command::Upgrade(upgrade)) => return run_upgrade(upgrade),
+        None => {}
     }
     if args.print_capabilities {
         println!("{}", cli::CAPABILITIES_JSON);
@@ -100,6 +101,25 @@ fn run_status(args: &StatusArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("vsockd: status: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `vsockd upgrade`: asks a running instance to upgrade its worker, and
+/// prints how it went.
+fn run_upgrade(args: &UpgradeArgs) -> ExitCode {
+    let answer = args
+        .control_path()
+        .map_err(|e| e.to_string())
+        .and_then(|path| control::request_upgrade(&path).map_err(|e| e.to_string()));
+    match answer {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vsockd: upgrade: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -218,18 +238,51 @@ fn geometry(args: &Args) -> Geometry {
 fn run_worker(args: &Args, fd: i32) -> Result<(), BackendError> {
     // SAFETY: the keeper passed this descriptor for us to own.
     let link = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) });
+    if !args.standby {
+        let (mut fds, _started) = FdSet::receive(&link).map_err(BackendError::Link)?;
+        let state = take_state_region(&mut fds)?;
+        let (region, _fresh) = Region::open(state, geometry(args))?;
+        return prepare_worker(link, region, worker_host(args), &serve_config(args))?.serve(fds);
+    }
+    // A standby tells the keeper why it cannot take over before it exits.
+    let report = link.try_clone().map_err(BackendError::Link)?;
+    let prepared = prepare_standby(args, link).inspect_err(|e| {
+        let _ = report.send(Kind::Failed, 0, 0, e.to_string().as_bytes(), &[]);
+    })?;
+    // The full hand-over comes once the running worker has quiesced.
+    let (mut fds, _started) = FdSet::receive(prepared.link()).map_err(BackendError::Link)?;
+    drop(fds.take(well_known::STATE_REGION));
+    info!("standby taking over");
+    prepared.serve(fds)
+}
+
+/// A standby worker, before it takes over: its first hand-over carries the
+/// state region alone, which it maps without writing and checks it can
+/// read (a layout newer than this build knows is refused here, while the
+/// running worker still serves); it then tells the keeper it stands by.
+fn prepare_standby(args: &Args, link: Channel) -> Result<PreparedWorker, BackendError> {
     let (mut fds, _started) = FdSet::receive(&link).map_err(BackendError::Link)?;
-    let missing = |what| {
-        BackendError::Link(std::io::Error::other(format!(
-            "the hand-over lacks the {what}"
-        )))
-    };
-    let state = fds
-        .take(well_known::STATE_REGION)
-        .ok_or_else(|| missing("state region"))?;
-    let (region, _fresh) = Region::open(state, geometry(args))?;
-    let uds_path: PathBuf = args.uds_path.clone().unwrap_or_default();
-    // The keeper accepts host clients and hands each over.
-    let host = UnixHost::without_listener(uds_path);
-    serve_worker(link, region, fds, host, serve_config(args))
+    let state = take_state_region(&mut fds)?;
+    let region = Region::open_existing(state, geometry(args))?;
+    let prepared = prepare_worker(link, region, worker_host(args), &serve_config(args))?;
+    prepared
+        .link()
+        .send(Kind::Standby, 0, u64::from(LAYOUT_VERSION), &[], &[])
+        .map_err(BackendError::Link)?;
+    info!("standby worker ready to take over (state region layout {LAYOUT_VERSION})");
+    Ok(prepared)
+}
+
+fn take_state_region(fds: &mut FdSet) -> Result<OwnedFd, BackendError> {
+    fds.take(well_known::STATE_REGION).ok_or_else(|| {
+        BackendError::Link(std::io::Error::other(
+            "the hand-over lacks the state region",
+        ))
+    })
+}
+
+/// A worker's host side: the keeper accepts host clients and hands each
+/// over.
+fn worker_host(args: &Args) -> UnixHost {
+    UnixHost::without_listener(args.uds_path.clone().unwrap_or_default())
 }

@@ -16,7 +16,7 @@ use std::os::fd::OwnedFd;
 use log::warn;
 use vsockd_device::{ConnCounts, ConnPhase};
 use vsockd_persist::session::{VringRecord, VRING_ENABLED, VRING_STARTED};
-use vsockd_persist::{Geometry, InflightSummary, PersistError, RegionView};
+use vsockd_persist::{Geometry, InflightSummary, PersistError, RegionView, Stamp};
 
 use crate::handler::EVENT_QUEUE;
 use crate::status::{DeviceFigures, QueueStatus};
@@ -36,6 +36,12 @@ impl RegionReader {
             geometry,
             view: None,
         }
+    }
+
+    /// The region's layout version and generation, read from its header
+    /// whatever its layout.
+    pub fn stamp(&self) -> std::io::Result<Stamp> {
+        Stamp::read(&self.fd)
     }
 
     fn view(&mut self) -> Result<&RegionView, String> {

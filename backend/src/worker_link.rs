@@ -29,7 +29,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::BackendReqHandler;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vsockd_persist::channel::FLAG_CLOSE;
@@ -55,6 +55,19 @@ pub enum LinkEvent {
     Idle,
     /// The keeper is gone: the worker must exit.
     KeeperGone,
+    /// Stop serving for an upgrade (see [`KeeperLink::quiesce`]); frames
+    /// after this one are left on the link.
+    Quiesce,
+}
+
+/// How a quiesced worker's wait ended.
+pub enum QuiesceEnd {
+    /// The upgrade failed before anything else wrote the state region:
+    /// serve again.
+    Resume,
+    /// A successor serves now, or the keeper is gone: exit without
+    /// writing anything.
+    Exit,
 }
 
 /// The link and the handler it feeds.
@@ -191,9 +204,91 @@ impl KeeperLink {
                 Kind::Forward => self.forward(frame, device),
                 Kind::SessionEnd => self.end_session(device),
                 Kind::HostClient => self.host_client(frame, device),
+                Kind::Quiesce => return LinkEvent::Quiesce,
                 other => warn!("unexpected {other:?} frame from the keeper, ignored"),
             }
         }
+    }
+
+    /// Quiesces for an upgrade: called between two wakeups, when every
+    /// socket call the worker made is recorded in the state region and no
+    /// RX batch is pending. Tells the keeper (after every deposit and
+    /// withdrawal sent so far, since the link keeps frames in order), then
+    /// reads nothing but the link, blocking, until the keeper says how the
+    /// upgrade ended. Frames other than those the keeper may send now are
+    /// kept for after a resume.
+    pub fn quiesce(
+        &mut self,
+        device: &Arc<Mutex<VsockDevice>>,
+        generation: u64,
+        signal_fd: RawFd,
+    ) -> QuiesceEnd {
+        if let Err(e) = self.send(Kind::Quiesced, 0, generation) {
+            warn!("cannot tell the keeper this worker quiesced: {e}");
+            return QuiesceEnd::Exit;
+        }
+        info!("quiesced for an upgrade: waiting for the keeper");
+        let mut deferred = Vec::new();
+        let end = loop {
+            let mut pfds = [
+                libc::pollfd {
+                    fd: self.link.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: signal_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: poll(2) over a local array of pollfd.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                warn!("waiting while quiesced: {e}");
+                break QuiesceEnd::Exit;
+            }
+            if pfds[1].revents != 0 {
+                info!("signal received while quiesced: worker exiting");
+                break QuiesceEnd::Exit;
+            }
+            match self.link.try_recv() {
+                Ok(Some(frame)) => match frame.kind {
+                    Kind::Resume => break QuiesceEnd::Resume,
+                    Kind::Retire => break QuiesceEnd::Exit,
+                    Kind::Quiesce => {}
+                    other => {
+                        warn!("{other:?} frame while quiesced: handled after a resume");
+                        deferred.push(frame);
+                    }
+                },
+                Ok(None) => break QuiesceEnd::Exit,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    warn!("bad frame from the keeper, ignored: {e}");
+                }
+                Err(e) => {
+                    warn!("keeper link: {e}");
+                    break QuiesceEnd::Exit;
+                }
+            }
+        };
+        if let QuiesceEnd::Resume = end {
+            info!("the upgrade was called off: serving again");
+            for frame in deferred {
+                match frame.kind {
+                    Kind::Forward => self.forward(frame, device),
+                    Kind::SessionEnd => self.end_session(device),
+                    Kind::HostClient => self.host_client(frame, device),
+                    other => warn!("unexpected {other:?} frame from the keeper, ignored"),
+                }
+            }
+        }
+        end
     }
 
     /// A host client the keeper accepted (and holds under `frame.id`):

@@ -5,8 +5,9 @@
 //! `VSOCKD_CRASH_POINT=<name>` or `<name>@<n>` in a worker's environment
 //! makes the worker SIGKILL itself the first (or the `n`th) time it passes
 //! point `<name>`. The keeper passes the variable to the first worker only,
-//! so the worker it restarts carries on. Unset, a point costs one atomic
-//! load (of the initialised `OnceLock`).
+//! so the worker it restarts carries on; a point whose name starts with
+//! `standby-` goes to the first standby worker of an upgrade instead.
+//! Unset, a point costs one atomic load (of the initialised `OnceLock`).
 //!
 //! Points, each named where it is passed:
 //! * `guest-connect`: a guest's connect reached the host service, before
@@ -17,6 +18,8 @@
 //!   device recorded it.
 //! * `conn-freed`: a connection's slot was recorded free, before its host
 //!   stream was released (outside an RX batch).
+//! * `standby-adopt`: a standby worker took the state region's next
+//!   generation (its first write), before it adopted anything.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

@@ -57,6 +57,27 @@ pub enum Kind {
     /// `conn_stream(id)` already, so the worker must not deposit it again,
     /// and withdraws it as any connection's once done with it.
     HostClient = 8,
+    /// Worker to keeper, from a standby worker (one started for an
+    /// upgrade): it mapped the state region and can read its layout; it
+    /// waits for the hand-over. `id` is the layout version it read.
+    Standby = 9,
+    /// Keeper to worker: stop serving for an upgrade. The worker finishes
+    /// the wakeup it is in (every socket call it made is recorded by then),
+    /// answers [`Kind::Quiesced`] and reads nothing but the link until
+    /// [`Kind::Resume`] or [`Kind::Retire`].
+    Quiesce = 10,
+    /// Worker to keeper: quiesced; every frame it sent before this one is
+    /// all it will send until resumed. `id` is its generation.
+    Quiesced = 11,
+    /// Keeper to worker: the upgrade failed before its successor wrote the
+    /// state region; serve again.
+    Resume = 12,
+    /// Keeper to worker: a successor adopted the session; exit without
+    /// writing anything.
+    Retire = 13,
+    /// Worker to keeper: why it cannot go on (payload: UTF-8 text), sent
+    /// before it exits.
+    Failed = 14,
 }
 
 impl Kind {
@@ -70,6 +91,12 @@ impl Kind {
             6 => Kind::Ready,
             7 => Kind::SessionEnd,
             8 => Kind::HostClient,
+            9 => Kind::Standby,
+            10 => Kind::Quiesce,
+            11 => Kind::Quiesced,
+            12 => Kind::Resume,
+            13 => Kind::Retire,
+            14 => Kind::Failed,
             _ => return None,
         })
     }
@@ -472,6 +499,8 @@ mod tests {
         got.read_exact(&mut line).unwrap();
         assert_eq!(&line, b"CONNECT 5\n");
         assert_eq!(Kind::from_u32(8), Some(Kind::HostClient));
+        assert_eq!(Kind::from_u32(14), Some(Kind::Failed));
+        assert_eq!(Kind::from_u32(15), None);
     }
 
     #[test]

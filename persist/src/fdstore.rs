@@ -127,6 +127,18 @@ impl FdStore {
         link.send(Kind::HandoverEnd, 0, started, &[], &[])
     }
 
+    /// Sends the descriptors under `ids` (those held) to a worker, then
+    /// [`Kind::HandoverEnd`] with `started`: a partial hand-over, as a
+    /// standby worker's first one.
+    pub fn hand_over_only(&self, link: &Channel, ids: &[u64], started: u64) -> io::Result<()> {
+        let items: Vec<(u64, RawFd)> = ids
+            .iter()
+            .filter_map(|&id| self.raw_fd(id).map(|fd| (id, fd)))
+            .collect();
+        link.send_fds(&items)?;
+        link.send(Kind::HandoverEnd, 0, started, &[], &[])
+    }
+
     /// Number of descriptors held.
     pub fn len(&self) -> usize {
         self.fds.len()

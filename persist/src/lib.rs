@@ -29,7 +29,7 @@ pub use channel::{Channel, Frame, Kind};
 pub use fdstore::{FdKeeper, FdSet, FdStore};
 pub use inflight::{inflight_bytes, InflightLog, InflightSummary, Recovered};
 pub use record::{record_bytes, Committed, Record};
-pub use region::{Geometry, Region, RingsState, LAYOUT_VERSION};
+pub use region::{Geometry, Region, RingsState, Stamp, LAYOUT_VERSION};
 pub use shm::{page_size, SharedMemory};
 pub use view::RegionView;
 

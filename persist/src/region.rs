@@ -117,6 +117,41 @@ impl Header {
     }
 }
 
+/// The header fields that lie at the same offsets in every layout
+/// version, read without mapping the region: what a process that does
+/// not know the layout (a keeper of another build) may rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Layout version (0: not formatted).
+    pub version: u32,
+    /// Generation of the worker that took the region over last.
+    pub generation: u64,
+}
+
+impl Stamp {
+    /// Reads the stamp of the region in memfd `fd`.
+    pub fn read(fd: &OwnedFd) -> std::io::Result<Stamp> {
+        use std::os::fd::AsRawFd;
+        let mut header = Header::default();
+        let bytes = header.as_mut_slice();
+        // SAFETY: pread(2) into a local buffer of `bytes.len()` bytes.
+        let n = unsafe { libc::pread(fd.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if (n as usize) < bytes.len() || !header.is_formatted() {
+            return Ok(Stamp {
+                version: 0,
+                generation: 0,
+            });
+        }
+        Ok(Stamp {
+            version: header.version,
+            generation: header.generation,
+        })
+    }
+}
+
 /// Commit state of the RX queue and the connection uid counters.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -227,6 +262,29 @@ impl Region {
         }
         header.check(&geometry, &layout)?;
         Ok((region, false))
+    }
+
+    /// Maps the region in `fd`, which a worker formatted already, without
+    /// writing to it: a standby worker checks that it can read the region
+    /// before it takes anything over. Fails with
+    /// [`PersistError::NotFormatted`] on a region nobody formatted.
+    pub fn open_existing(fd: OwnedFd, geometry: Geometry) -> Result<Self, PersistError> {
+        let layout = Layout::of(&geometry)?;
+        if SharedMemory::file_len(&fd)? == 0 {
+            return Err(PersistError::NotFormatted);
+        }
+        let shm = Arc::new(SharedMemory::map(fd, layout.total)?);
+        let region = Region {
+            shm,
+            geometry,
+            layout,
+        };
+        let header = region.header();
+        if !header.is_formatted() {
+            return Err(PersistError::NotFormatted);
+        }
+        header.check(&geometry, &layout)?;
+        Ok(region)
     }
 
     fn header(&self) -> Header {
@@ -541,6 +599,29 @@ mod tests {
         let mut bad = geometry();
         bad.conn_data_bytes = 1000;
         assert!(Region::open(memfd(), bad).is_err());
+    }
+
+    #[test]
+    fn a_standby_opens_only_a_formatted_region_and_reads_its_stamp() {
+        let fd = memfd();
+        assert_eq!(Stamp::read(&fd).unwrap().version, 0);
+        let e = Region::open_existing(dup(&fd), geometry()).unwrap_err();
+        assert!(matches!(e, PersistError::NotFormatted), "{e}");
+        let (r, _) = Region::open(dup(&fd), geometry()).unwrap();
+        assert_eq!(r.next_generation(), 1);
+        let standby = Region::open_existing(dup(&fd), geometry()).unwrap();
+        assert_eq!(standby.generation(), 1);
+        assert_eq!(
+            Stamp::read(&fd).unwrap(),
+            Stamp {
+                version: LAYOUT_VERSION,
+                generation: 1
+            }
+        );
+        // SAFETY: `version` lies in the header.
+        unsafe { *r.at(8).cast::<u32>() = LAYOUT_VERSION + 1 };
+        let e = Region::open_existing(dup(&fd), geometry()).unwrap_err();
+        assert!(matches!(e, PersistError::LayoutTooNew { .. }), "{e}");
     }
 
     #[test]

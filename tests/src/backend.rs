@@ -79,6 +79,25 @@ impl BackendKind {
     }
 }
 
+/// Installs binary `src` at `dst` as a package manager does: copied next
+/// to it, then renamed over it, so a process running the old file keeps
+/// its inode while the path names the new one.
+pub fn install_binary(src: &Path, dst: &Path) -> Result<()> {
+    let dir = dst
+        .parent()
+        .ok_or_else(|| Error::new(format!("{} has no parent directory", dst.display())))?;
+    std::fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.new",
+        dst.file_name().and_then(|n| n.to_str()).unwrap_or("binary")
+    ));
+    std::fs::copy(src, &tmp)
+        .context(|| format!("cannot copy {} to {}", src.display(), tmp.display()))?;
+    std::fs::rename(&tmp, dst)
+        .context(|| format!("cannot rename {} to {}", tmp.display(), dst.display()))?;
+    Ok(())
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -140,6 +159,30 @@ impl Backend {
             level,
             extra,
             env,
+            None,
+        )
+    }
+
+    /// `start_in_env` for vsockd run from binary `bin` (a copy that a
+    /// test replaces before `vsockd upgrade`, say).
+    pub fn start_from(
+        bin: &Path,
+        dir: &Path,
+        cid: u32,
+        level: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Backend> {
+        let kind = BackendKind::Vsockd;
+        Backend::spawn(
+            kind,
+            &dir.join("vhost.sock"),
+            &dir.join("vsock.sock"),
+            &dir.join(format!("{}.log", kind.name())),
+            cid,
+            level,
+            &[],
+            env,
+            Some(bin),
         )
     }
 
@@ -181,7 +224,7 @@ impl Backend {
         level: Option<&str>,
         extra: &[&str],
     ) -> Result<Backend> {
-        Backend::spawn(kind, socket, uds, log, cid, level, extra, &[])
+        Backend::spawn(kind, socket, uds, log, cid, level, extra, &[], None)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -194,8 +237,9 @@ impl Backend {
         level: Option<&str>,
         extra: &[&str],
         env: &[(&str, &str)],
+        bin: Option<&Path>,
     ) -> Result<Backend> {
-        let bin = kind.binary();
+        let bin = bin.map_or_else(|| kind.binary(), Path::to_path_buf);
         if !bin.is_file() {
             return Err(Error::new(format!(
                 "{} backend binary {} not found{}",
@@ -426,6 +470,18 @@ impl Backend {
         cmd.stdin(Stdio::null())
             .output()
             .context(|| "cannot run vsockd status".to_string())
+    }
+
+    /// Runs `vsockd upgrade` for this backend's vhost-user socket and
+    /// returns what it printed and its exit status.
+    pub fn upgrade(&self) -> Result<Output> {
+        Command::new(BackendKind::Vsockd.binary())
+            .arg("upgrade")
+            .arg("--socket-path")
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .output()
+            .context(|| "cannot run vsockd upgrade".to_string())
     }
 
     /// Stops the backend: SIGTERM, then SIGKILL after a second.

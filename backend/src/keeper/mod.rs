@@ -58,12 +58,15 @@
 //! its time and cause, and connections and queues are read from the state
 //! region (see `status_region`). Serving it never blocks (see `control`).
 
+mod upgrade;
+
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -95,6 +98,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Workers that got the same message and died with it before it counts as
 /// the cause.
 const POISON_FORWARDS: u32 = 2;
+/// Crash points whose names start so are for the first standby worker
+/// of an upgrade, not the first worker (see `vsockd_device::crash_point`).
+const STANDBY_CRASH_POINT_PREFIX: &str = "standby-";
 /// How long a worker gets to exit on SIGTERM before SIGKILL.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(1);
 /// Host clients accepted per wake-up at most.
@@ -116,6 +122,8 @@ struct Pending {
 }
 
 struct Worker {
+    /// Its number: workers started before it, plus one.
+    number: u64,
     child: Child,
     link: Channel,
     ready: bool,
@@ -168,6 +176,19 @@ fn exit_cause(status: std::process::ExitStatus) -> String {
 /// The keeper process.
 pub struct Keeper {
     worker_args: Vec<OsString>,
+    /// The binary workers are started from, held open: a restarted worker
+    /// runs the very binary its predecessor came from, whatever became of
+    /// the file since. An upgrade replaces it.
+    worker_exe: OwnedFd,
+    /// Where `vsockd upgrade` takes the new binary from: the path this
+    /// keeper was started from.
+    binary_path: PathBuf,
+    /// The upgrade under way, if any.
+    upgrade: Option<upgrade::Upgrade>,
+    /// Workers an upgrade replaced, told to exit and not yet reaped.
+    retiring: Vec<upgrade::Retiring>,
+    /// Standby workers started so far.
+    standbys_started: u64,
     listener: UnixListener,
     /// The host listener (`--uds-path`), non-blocking.
     host_listener: UnixListener,
@@ -220,8 +241,17 @@ impl Keeper {
         for l in [&listener, &host_listener] {
             l.set_nonblocking(true).map_err(BackendError::Epoll)?;
         }
+        let worker_exe = std::fs::File::open("/proc/self/exe")
+            .map(OwnedFd::from)
+            .map_err(BackendError::Epoll)?;
+        let binary_path = std::env::current_exe().map_err(BackendError::Epoll)?;
         Ok(Keeper {
             worker_args: config.worker_args,
+            worker_exe,
+            binary_path,
+            upgrade: None,
+            retiring: Vec::new(),
+            standbys_started: 0,
             listener,
             host_listener,
             next_client_uid: FIRST_KEEPER_CONN_UID,
@@ -246,15 +276,28 @@ impl Keeper {
         })
     }
 
-    fn spawn_worker(&mut self) -> io::Result<()> {
+    /// Starts a worker process from binary `exe`: a standby for an
+    /// upgrade, or one that adopts at once. Its hand-over is the caller's.
+    fn spawn(&self, exe: &OwnedFd, standby: bool, number: u64) -> io::Result<Worker> {
         let (keeper_end, worker_end) = Channel::pair()?;
         let fd = worker_end.as_raw_fd();
-        let mut cmd = Command::new("/proc/self/exe");
+        let mut cmd = Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
         cmd.args(&self.worker_args)
             .arg("--worker-link")
             .arg(WORKER_LINK_FD.to_string());
-        if self.started > 0 {
-            // A crash point is for the first worker: the next one carries on.
+        if standby {
+            cmd.arg("--standby");
+        }
+        // A crash point is for the first worker, or for the first standby
+        // if it is a standby's: the next one carries on.
+        let point = std::env::var(vsockd_device::crash_point::CRASH_POINT_ENV).unwrap_or_default();
+        let standby_point = point.starts_with(STANDBY_CRASH_POINT_PREFIX);
+        let first = if standby {
+            self.standbys_started == 0
+        } else {
+            self.started == 0
+        };
+        if !first || standby != standby_point {
             cmd.env_remove(vsockd_device::crash_point::CRASH_POINT_ENV);
         }
         // SAFETY: the closure runs in the child between fork and exec and
@@ -279,27 +322,32 @@ impl Keeper {
         }
         let child = cmd.spawn()?;
         drop(worker_end);
-        self.started += 1;
-        info!(
-            "worker {} started (pid {}), handing over {} fds",
-            self.started,
-            child.id(),
-            self.store.len()
-        );
-        let worker = Worker {
+        Ok(Worker {
+            number,
             child,
             link: keeper_end,
             ready: false,
             started_at: Instant::now(),
             generation: None,
-        };
+        })
+    }
+
+    fn spawn_worker(&mut self) -> io::Result<()> {
+        let worker = self.spawn(&self.worker_exe, false, self.started + 1)?;
+        self.started += 1;
+        info!(
+            "worker {} started (pid {}), handing over {} fds",
+            worker.number,
+            worker.child.id(),
+            self.store.len()
+        );
         // Every host client in the store goes with the hand-over: none may
         // follow in a frame too.
         self.unsent_clients.clear();
         self.client_retry_at = None;
         // A worker that dies during the hand-over is noticed on the link.
         if let Err(e) = self.store.hand_over(&worker.link, self.started - 1) {
-            warn!("hand-over to worker {} failed: {e}", self.started);
+            warn!("hand-over to worker {} failed: {e}", worker.number);
         }
         self.worker = Some(worker);
         Ok(())
@@ -354,16 +402,32 @@ impl Keeper {
                 .frontend
                 .is_none()
                 .then(|| push(self.listener.as_raw_fd()));
-            let serving = self.worker.as_ref().is_some_and(|w| w.ready) && self.unacked.is_none();
+            let serving = self.worker.as_ref().is_some_and(|w| w.ready)
+                && self.unacked.is_none()
+                && !self.upgrade_holds_the_worker();
             let frontend_i = match (&self.frontend, serving) {
                 (Some(f), true) => Some(push(f.as_raw_fd())),
                 _ => None,
             };
             let control_i = self.control.as_ref().map(|c| push(c.fd()));
+            let standby_i = self
+                .upgrade
+                .as_ref()
+                .map(|u| push(u.standby.link.as_raw_fd()));
+            let (retiring_from, retiring_polled) = (pfds.len(), self.retiring.len());
+            for r in &self.retiring {
+                pfds.push(libc::pollfd {
+                    fd: r.worker.link.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
             let wake_at = [
                 self.restart_at,
                 self.client_retry_at,
                 self.accept_paused_until,
+                self.upgrade.as_ref().and_then(|u| u.deadline),
+                self.retiring.iter().map(|r| r.kill_at).min(),
             ]
             .into_iter()
             .flatten()
@@ -386,7 +450,7 @@ impl Keeper {
             if ready(sig_i) {
                 if let Some(sig) = self.signals.take() {
                     info!("{sig} received: stopping the worker and exiting");
-                    self.stop_worker();
+                    self.stop_workers();
                     return Ok(());
                 }
             }
@@ -408,12 +472,22 @@ impl Keeper {
             if control_i.is_some_and(ready) {
                 self.serve_control();
             }
+            if standby_i.is_some_and(ready) {
+                self.on_standby_readable();
+            }
+            // Polled before anything above could add to the list.
+            let retired: Vec<usize> = (0..retiring_polled)
+                .filter(|&i| pfds[retiring_from + i].revents != 0)
+                .collect();
+            self.reap_retired(&retired);
+            self.upgrade_timers();
         }
     }
 
     /// Whether to accept host clients now (see the module doc).
     fn accepting(&self) -> bool {
         self.worker.as_ref().is_some_and(|w| w.ready)
+            && !self.upgrade_holds_the_worker()
             && self.frontend.is_some()
             && !self.session_end_owed
             && self.unsent_clients.is_empty()
@@ -462,6 +536,10 @@ impl Keeper {
     /// streams stay in the store whatever happens to the worker).
     fn send_host_clients(&mut self) {
         let retrying = self.client_retry_at.take().is_some();
+        if self.upgrade_holds_the_worker() {
+            // After the upgrade, to whichever worker serves.
+            return;
+        }
         let Some(w) = self.worker.as_ref().filter(|w| w.ready) else {
             return;
         };
@@ -485,7 +563,7 @@ impl Keeper {
                     } else {
                         warn!(
                             "cannot send host client {uid} to worker {}: {e}; trying again in {CLIENT_SEND_RETRY:?}",
-                            self.started
+                            w.number
                         );
                     }
                     self.client_retry_at = Some(Instant::now() + CLIENT_SEND_RETRY);
@@ -500,7 +578,7 @@ impl Keeper {
         let Some(mut control) = self.control.take() else {
             return;
         };
-        control.handle_events(&mut || self.snapshot());
+        control.handle_events(self);
         self.control = Some(control);
     }
 
@@ -616,7 +694,7 @@ impl Keeper {
             .map_or(0, u32::from_le_bytes);
         debug!(
             "forwarding control message {} (request {request}) to worker {}, attempt {}",
-            p.seq, self.started, p.forwards
+            p.seq, w.number, p.forwards
         );
         let fds: Vec<RawFd> = p.fds.iter().map(AsRawFd::as_raw_fd).collect();
         if let Err(e) = w.link.send(Kind::Forward, 0, p.seq, &p.bytes, &fds) {
@@ -649,22 +727,12 @@ impl Keeper {
     fn on_worker_frame(&mut self, frame: Frame) {
         match frame.kind {
             Kind::Ready => {
-                info!("worker {} ready (generation {})", self.started, frame.id);
                 if let Some(w) = &mut self.worker {
+                    info!("worker {} ready (generation {})", w.number, frame.id);
                     w.ready = true;
                     w.generation = Some(frame.id);
                 }
-                if self.session_end_owed || self.frontend.is_none() {
-                    // The session it adopted is one that ended (while no
-                    // worker was ready, or before the last one recorded
-                    // the end): whether or not it could adopt it, it
-                    // drops it before serving the frontend now connected.
-                    self.session_end_owed = true;
-                    self.send_session_end();
-                } else if frame.flags & FLAG_CLOSE != 0 {
-                    self.end_session("the worker could not adopt the session");
-                }
-                self.forward_unacked();
+                self.worker_ready(frame.flags);
             }
             Kind::Reply => {
                 if self.unacked.as_ref().map(|p| p.seq) != Some(frame.id) {
@@ -687,14 +755,34 @@ impl Keeper {
                 }
             }
             Kind::SessionEnd => self.session_end_owed = false,
+            Kind::Quiesced => self.on_quiesced(frame.id),
             other => warn!("unexpected {other:?} frame from the worker, ignored"),
         }
+    }
+
+    /// The worker now in `self.worker` reported READY with `flags`.
+    fn worker_ready(&mut self, flags: u32) {
+        if self.session_end_owed || self.frontend.is_none() {
+            // The session it adopted is one that ended (while no worker
+            // was ready, or before the last one recorded the end): whether
+            // or not it could adopt it, it drops it before serving the
+            // frontend now connected.
+            self.session_end_owed = true;
+            self.send_session_end();
+        } else if flags & FLAG_CLOSE != 0 {
+            self.end_session("the worker could not adopt the session");
+        }
+        self.forward_unacked();
+        self.send_host_clients();
     }
 
     fn on_worker_death(&mut self) {
         let Some(mut w) = self.worker.take() else {
             return;
         };
+        if self.worker_died_in_upgrade(&mut w) {
+            return;
+        }
         // Host clients not sent yet stay in the store, as do those sent
         // and not recorded: the next worker gets them in its hand-over.
         self.unsent_clients.clear();
@@ -710,13 +798,13 @@ impl Keeper {
         let quick = !w.ready || poisoned;
         warn!(
             "worker {} (pid {}) {cause}{}; restarting it",
-            self.started,
+            w.number,
             w.child.id(),
             if w.ready { "" } else { " before it was ready" }
         );
         self.restarts.record(Restart {
             at: SystemTime::now(),
-            worker: self.started,
+            worker: w.number,
             pid: w.child.id(),
             generation: w.generation,
             cause,
@@ -736,22 +824,43 @@ impl Keeper {
         self.restart_at = Some(Instant::now() + delay);
     }
 
-    fn stop_worker(&mut self) {
-        let Some(mut w) = self.worker.take() else {
-            return;
-        };
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + WORKER_EXIT_GRACE;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = w.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
+    /// Stops every worker process (SIGTERM, then SIGKILL after a grace).
+    fn stop_workers(&mut self) {
+        if let Some(u) = self.upgrade.take() {
+            stop(u.standby);
         }
-        let _ = w.child.kill();
-        let _ = w.child.wait();
+        for r in std::mem::take(&mut self.retiring) {
+            stop(r.worker);
+        }
+        if let Some(w) = self.worker.take() {
+            stop(w);
+        }
     }
+}
+
+impl crate::control::Requests for Keeper {
+    fn snapshot(&mut self) -> Snapshot {
+        Keeper::snapshot(self)
+    }
+
+    fn start_upgrade(&mut self) -> Result<(), String> {
+        Keeper::start_upgrade(self)
+    }
+}
+
+/// Stops a worker process: SIGTERM, then SIGKILL after a grace.
+fn stop(mut w: Worker) {
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + WORKER_EXIT_GRACE;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = w.child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = w.child.kill();
+    let _ = w.child.wait();
 }
 
 /// Reads one vhost-user message whole: `Ok(None)` at EOF.

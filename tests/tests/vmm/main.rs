@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use vsockd_tests::backend::install_binary;
 use vsockd_tests::chaos::{publish_report, Rng};
 use vsockd_tests::hybrid::{
     hybrid_connect_timeout, read_ok_line, read_verified, read_verified_at, read_verified_from,
@@ -40,6 +41,8 @@ use vsockd_tests::vmm::{
     RX, TX,
 };
 use vsockd_tests::{Backend, BackendKind};
+
+mod upgrade;
 
 const CID: u32 = 3;
 const KIB: u64 = 1024;
@@ -96,10 +99,31 @@ impl Rig {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Rig {
-        let dir = temp_dir(&format!("vmm-{name}")).unwrap_or_else(|e| panic!("{e}"));
         let kind = BackendKind::from_env().unwrap_or_else(|e| panic!("{name}: {e}"));
-        let backend = Backend::start_in_env(kind, &dir, CID, level, extra, env)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        Rig::start(name, o, |dir| {
+            Backend::start_in_env(kind, dir, CID, level, extra, env)
+        })
+    }
+
+    /// A rig whose backend, vsockd with its keeper, runs from a copy of
+    /// the vsockd binary at `<dir>/bin/vsockd`, which the test may
+    /// replace before an upgrade (see `Rig::install`).
+    fn from_copy(name: &str, level: Option<&str>) -> Rig {
+        Rig::start(name, opts(), |dir| {
+            let bin = dir.join("bin").join("vsockd");
+            install_binary(&BackendKind::Vsockd.binary(), &bin)?;
+            Backend::start_from(&bin, dir, CID, level, &[])
+        })
+    }
+
+    /// A rig with the backend `start` starts in the rig's directory.
+    fn start(
+        name: &str,
+        o: VmOptions,
+        start: impl FnOnce(&Path) -> vsockd_tests::error::Result<Backend>,
+    ) -> Rig {
+        let dir = temp_dir(&format!("vmm-{name}")).unwrap_or_else(|e| panic!("{e}"));
+        let backend = start(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
         let vm = VirtualVm::start(backend.socket(), o).unwrap_or_else(|e| {
             panic!(
                 "{:?}",
@@ -2505,6 +2529,34 @@ fn read_checked<R: Read>(mut r: R, seed: u64) -> io::Result<vsockd_tests::chaos:
     }
 }
 
+/// A writer and a checking reader per direction of a stream.
+type Flow<'s> = (
+    String,
+    thread::ScopedJoinHandle<'s, io::Result<u64>>,
+    thread::ScopedJoinHandle<'s, io::Result<vsockd_tests::chaos::StreamCheck>>,
+);
+
+/// Starts both directions of each pair in `sc`: each writer writes its
+/// seed's pattern until `stop`, then half-closes; each reader checks what
+/// it reads to EOF.
+fn stream_flows<'s>(
+    sc: &'s thread::Scope<'s, '_>,
+    pairs: &'s [(VStream, UnixStream)],
+    stop: &'s std::sync::atomic::AtomicBool,
+) -> Vec<Flow<'s>> {
+    let mut flows = Vec::new();
+    for (i, (g, h)) in pairs.iter().enumerate() {
+        let (gs, hs) = (1000 + i as u64, 2000 + i as u64);
+        let gw = sc.spawn(move || write_until(g, gs, stop, || g.shutdown_write()));
+        let hr = sc.spawn(move || read_checked(h, gs));
+        let hw = sc.spawn(move || write_until(h, hs, stop, || h.shutdown(Shutdown::Write)));
+        let gr = sc.spawn(move || read_checked(g, hs));
+        flows.push((format!("stream {i} guest to host"), gw, hr));
+        flows.push((format!("stream {i} host to guest"), hw, gr));
+    }
+    flows
+}
+
 #[test]
 fn chaos_worker_killed_500_times_during_verified_streams() {
     // VSOCKD_CHAOS_KILLS and VSOCKD_CHAOS_LOG change the count and the
@@ -2535,17 +2587,7 @@ fn chaos_worker_killed_500_times_during_verified_streams() {
     let vm = rig.vm();
     let rig_ref = &rig;
     let results = thread::scope(|sc| {
-        let mut flows = Vec::new();
-        for (i, (g, h)) in pairs.iter().enumerate() {
-            let (gs, hs) = (1000 + i as u64, 2000 + i as u64);
-            let stop = &stop;
-            let gw = sc.spawn(move || write_until(g, gs, stop, || g.shutdown_write()));
-            let hr = sc.spawn(move || read_checked(h, gs));
-            let hw = sc.spawn(move || write_until(h, hs, stop, || h.shutdown(Shutdown::Write)));
-            let gr = sc.spawn(move || read_checked(g, hs));
-            flows.push((format!("stream {i} guest to host"), gw, hr));
-            flows.push((format!("stream {i} host to guest"), hw, gr));
-        }
+        let flows = stream_flows(sc, &pairs, &stop);
         let churn = sc.spawn(|| {
             let mut n = 0u32;
             let mut checks = Vec::new();
