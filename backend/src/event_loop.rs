@@ -40,8 +40,11 @@ use crate::unix_host::UnixHost;
 use crate::worker_link::{KeeperLink, LinkEvent, QuiesceEnd};
 use vsockd_device::{Muxer, MuxerConfig};
 use vsockd_persist::channel::FLAG_CLOSE;
+use vsockd_persist::fdstore::well_known;
 use vsockd_persist::fdstore::well_known::{conn_uid, is_keeper_conn_uid, FIRST_WORKER_ID};
-use vsockd_persist::{Channel, FdSet, Kind, Region};
+use vsockd_persist::{
+    migrate, Channel, FdSet, Geometry, Kind, PersistError, Region, Stamp, LAYOUT_VERSION,
+};
 
 const LISTENER_TOKEN: u64 = 1;
 const FRONTEND_TOKEN: u64 = 2;
@@ -374,22 +377,66 @@ pub fn serve(
 pub struct PreparedWorker {
     parts: Parts,
     link: Channel,
-    region: Region,
+    state: StateRegion,
 }
 
-/// Builds a keeper's worker over `region` (mapped, not yet written).
+/// The state region a keeper's worker starts with.
+pub enum StateRegion {
+    /// In this build's layout, mapped.
+    Mapped(Region),
+    /// In an older layout this build migrates from: migrated into a copy
+    /// when the worker takes over (see `vsockd_persist::migrate`).
+    Older { fd: OwnedFd, geometry: Geometry },
+}
+
+impl StateRegion {
+    /// The state region in memfd `fd`: formatted if it is new and
+    /// `format` allows (a standby never formats), left for migration if
+    /// it is older, refused if this build cannot read it.
+    pub fn open(fd: OwnedFd, geometry: Geometry, format: bool) -> Result<Self, BackendError> {
+        let stamp = Stamp::read(&fd).map_err(PersistError::Io)?;
+        if stamp.version != 0 && migrate::needs_migration(&fd, &geometry)?.is_some() {
+            return Ok(StateRegion::Older { fd, geometry });
+        }
+        if format {
+            return Ok(StateRegion::Mapped(Region::open(fd, geometry)?.0));
+        }
+        Ok(StateRegion::Mapped(Region::open_existing(fd, geometry)?))
+    }
+
+    /// Its layout version.
+    pub fn layout_version(&self) -> u32 {
+        match self {
+            StateRegion::Mapped(_) => LAYOUT_VERSION,
+            StateRegion::Older { fd, .. } => Stamp::read(fd).map_or(0, |s| s.version),
+        }
+    }
+
+    /// The region mapped in this build's layout: an older one is migrated
+    /// into a new memfd, which the keeper gets under the state region's
+    /// id (it keeps the old one until this worker is ready).
+    fn into_region(self, link: &Channel) -> Result<Region, BackendError> {
+        match self {
+            StateRegion::Mapped(r) => Ok(r),
+            StateRegion::Older { fd, geometry } => {
+                let copy = migrate::migrate(&fd, &geometry)?;
+                link.send_fds(&[(well_known::STATE_REGION, copy.as_raw_fd())])
+                    .map_err(BackendError::Link)?;
+                Ok(Region::open_existing(copy, geometry)?)
+            }
+        }
+    }
+}
+
+/// Builds a keeper's worker over `state` (not yet written).
 pub fn prepare_worker(
     link: Channel,
-    region: Region,
+    state: StateRegion,
     host: UnixHost,
     cfg: &ServeConfig,
 ) -> Result<PreparedWorker, BackendError> {
     let parts = build(host, cfg)?;
-    Ok(PreparedWorker {
-        parts,
-        link,
-        region,
-    })
+    Ok(PreparedWorker { parts, link, state })
 }
 
 impl PreparedWorker {
@@ -414,11 +461,8 @@ impl PreparedWorker {
     /// worker recorded and then freed, and is withdrawn with every other
     /// id left.
     pub fn serve(self, mut fds: FdSet) -> Result<(), BackendError> {
-        let PreparedWorker {
-            parts,
-            link,
-            region,
-        } = self;
+        let PreparedWorker { parts, link, state } = self;
+        let region = state.into_region(&link)?;
         let generation = region.next_generation();
         vsockd_device::crash_point::hit("standby-adopt");
         let keeper = link.try_clone().map_err(BackendError::Link)?;

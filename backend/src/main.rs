@@ -28,12 +28,14 @@ use log::info;
 use crate::cli::{Args, Command, StatusArgs, UpgradeArgs};
 use crate::control::ControlServer;
 use crate::error::BackendError;
-use crate::event_loop::{prepare_worker, serve, PreparedWorker, ServeConfig, StatusServer};
+use crate::event_loop::{
+    prepare_worker, serve, PreparedWorker, ServeConfig, StateRegion, StatusServer,
+};
 use crate::handler::DeviceConfig;
 use crate::keeper::{Keeper, KeeperConfig};
 use crate::unix_host::UnixHost;
 use vsockd_persist::fdstore::well_known;
-use vsockd_persist::{Channel, FdSet, Geometry, Kind, Region, LAYOUT_VERSION};
+use vsockd_persist::{Channel, FdSet, Geometry, Kind, LAYOUT_VERSION};
 
 /// Exit status for usage errors (as clap and sysexits' EX_USAGE-like tools).
 const EXIT_USAGE: u8 = 2;
@@ -240,9 +242,8 @@ fn run_worker(args: &Args, fd: i32) -> Result<(), BackendError> {
     let link = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) });
     if !args.standby {
         let (mut fds, _started) = FdSet::receive(&link).map_err(BackendError::Link)?;
-        let state = take_state_region(&mut fds)?;
-        let (region, _fresh) = Region::open(state, geometry(args))?;
-        return prepare_worker(link, region, worker_host(args), &serve_config(args))?.serve(fds);
+        let state = StateRegion::open(take_state_region(&mut fds)?, geometry(args), true)?;
+        return prepare_worker(link, state, worker_host(args), &serve_config(args))?.serve(fds);
     }
     // A standby tells the keeper why it cannot take over before it exits.
     let report = link.try_clone().map_err(BackendError::Link)?;
@@ -262,14 +263,18 @@ fn run_worker(args: &Args, fd: i32) -> Result<(), BackendError> {
 /// running worker still serves); it then tells the keeper it stands by.
 fn prepare_standby(args: &Args, link: Channel) -> Result<PreparedWorker, BackendError> {
     let (mut fds, _started) = FdSet::receive(&link).map_err(BackendError::Link)?;
-    let state = take_state_region(&mut fds)?;
-    let region = Region::open_existing(state, geometry(args))?;
-    let prepared = prepare_worker(link, region, worker_host(args), &serve_config(args))?;
+    let state = StateRegion::open(take_state_region(&mut fds)?, geometry(args), false)?;
+    let found = state.layout_version();
+    let prepared = prepare_worker(link, state, worker_host(args), &serve_config(args))?;
     prepared
         .link()
-        .send(Kind::Standby, 0, u64::from(LAYOUT_VERSION), &[], &[])
+        .send(Kind::Standby, LAYOUT_VERSION, u64::from(found), &[], &[])
         .map_err(BackendError::Link)?;
-    info!("standby worker ready to take over (state region layout {LAYOUT_VERSION})");
+    if found == LAYOUT_VERSION {
+        info!("standby worker ready to take over (state region layout {found})");
+    } else {
+        info!("standby worker ready to take over (state region layout {found}, migrated to {LAYOUT_VERSION} when it does)");
+    }
     Ok(prepared)
 }
 

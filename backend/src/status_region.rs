@@ -38,6 +38,13 @@ impl RegionReader {
         }
     }
 
+    /// Reads the region in memfd `fd` from now on (an upgrade migrated the
+    /// region into a new memfd).
+    pub fn replace_fd(&mut self, fd: OwnedFd) {
+        self.fd = fd;
+        self.view = None;
+    }
+
     /// The region's layout version and generation, read from its header
     /// whatever its layout.
     pub fn stamp(&self) -> std::io::Result<Stamp> {

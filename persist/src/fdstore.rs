@@ -154,6 +154,11 @@ impl FdStore {
         self.fds.contains_key(&id)
     }
 
+    /// A duplicate of the descriptor held under `id`.
+    pub fn dup(&self, id: u64) -> Option<OwnedFd> {
+        self.fds.get(&id).and_then(|fd| fd.try_clone().ok())
+    }
+
     /// The descriptor held under `id`, to send (it stays held).
     pub fn raw_fd(&self, id: u64) -> Option<RawFd> {
         self.fds.get(&id).map(AsRawFd::as_raw_fd)

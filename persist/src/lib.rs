@@ -18,6 +18,7 @@
 pub mod channel;
 pub mod fdstore;
 mod inflight;
+pub mod migrate;
 mod record;
 mod region;
 pub mod session;
@@ -51,6 +52,10 @@ pub enum PersistError {
     /// Written by a newer vsockd.
     #[error("the state region has layout version {found}; this vsockd knows up to {known}: run the newer binary or start a new session")]
     LayoutTooNew { found: u32, known: u32 },
+    /// Written by an older layout this build migrates from, which must be
+    /// migrated before it is mapped (see `migrate`).
+    #[error("the state region has layout version {found}, older than this vsockd's {LAYOUT_VERSION}: it must be migrated first")]
+    LayoutOlder { found: u32 },
     /// Written by an older layout this build cannot read.
     #[error("the state region has layout version {found}, which this vsockd cannot read")]
     LayoutUnsupported { found: u32 },
@@ -63,4 +68,10 @@ pub enum PersistError {
     /// The inflight log contradicts guest memory.
     #[error("inflight log: {0}")]
     Inflight(String),
+    /// Reading the region's file failed.
+    #[error("cannot read the state region: {0}")]
+    Io(#[source] std::io::Error),
+    /// Migrating an older layout failed.
+    #[error("cannot migrate the state region: {0}")]
+    Migration(String),
 }

@@ -37,7 +37,13 @@ use crate::PersistError;
 /// "VSOCKDST": a vsockd state region.
 pub const MAGIC: [u8; 8] = *b"VSOCKDST";
 /// Layout version this build reads and writes (2: `last_host_client_uid`).
+#[cfg(not(feature = "layout-next"))]
 pub const LAYOUT_VERSION: u32 = 2;
+/// Layout version of a build with feature `layout-next`: a test layout one
+/// past the current one (see `migrate`), so that tests can upgrade to a
+/// binary with a newer layout, and back.
+#[cfg(feature = "layout-next")]
+pub const LAYOUT_VERSION: u32 = 3;
 /// Bytes reserved for the header.
 const HEADER_BYTES: usize = 4096;
 /// Bytes reserved for the rings part.
@@ -65,9 +71,13 @@ pub(crate) struct Header {
     max_queue_size: u32,
     conn_slots: u32,
     conn_data_bytes: u64,
+    /// The layout version this region was migrated from, the last time
+    /// it was (0: never; a region formatted at its version).
+    pub(crate) migrated_from: u32,
+    _reserved: u32,
 }
 
-// SAFETY: `repr(C)`, integers and a byte array, no padding (48 bytes).
+// SAFETY: `repr(C)`, integers and a byte array, no padding (56 bytes).
 unsafe impl ByteValued for Header {}
 
 impl Header {
@@ -89,6 +99,18 @@ impl Header {
     /// Checks that a formatted region is one this build reads, laid out
     /// for `geometry`.
     pub(crate) fn check(&self, geometry: &Geometry, layout: &Layout) -> Result<(), PersistError> {
+        self.check_version()?;
+        if self.version < LAYOUT_VERSION {
+            return Err(PersistError::LayoutOlder {
+                found: self.version,
+            });
+        }
+        self.check_geometry(geometry, layout)
+    }
+
+    /// Checks the magic, and that this build reads the layout version or
+    /// migrates from it.
+    pub(crate) fn check_version(&self) -> Result<(), PersistError> {
         if self.magic != MAGIC {
             return Err(PersistError::NotARegion);
         }
@@ -98,22 +120,62 @@ impl Header {
                 known: LAYOUT_VERSION,
             });
         }
-        if self.version < LAYOUT_VERSION {
+        if self.version < crate::migrate::OLDEST_LAYOUT_VERSION {
             return Err(PersistError::LayoutUnsupported {
                 found: self.version,
             });
         }
+        Ok(())
+    }
+
+    /// Checks the recorded geometry against `geometry`: every layout this
+    /// build knows records it in the same fields.
+    pub(crate) fn check_geometry(
+        &self,
+        geometry: &Geometry,
+        layout: &Layout,
+    ) -> Result<(), PersistError> {
+        self.check_geometry_only(geometry)?;
+        if self.region_bytes != layout.total as u64 {
+            return Err(PersistError::Geometry(format!(
+                "the region is {} bytes, this worker lays {geometry:?} out in {}",
+                self.region_bytes, layout.total
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks the recorded geometry, not the size it gives in this
+    /// build's layout (an older layout may differ).
+    pub(crate) fn check_geometry_only(&self, geometry: &Geometry) -> Result<(), PersistError> {
         let found = Geometry {
             max_queue_size: self.max_queue_size as u16,
             conn_slots: self.conn_slots,
             conn_data_bytes: self.conn_data_bytes,
         };
-        if found != *geometry || self.region_bytes != layout.total as u64 {
+        if found != *geometry {
             return Err(PersistError::Geometry(format!(
                 "the region was laid out for {found:?}, this worker expects {geometry:?}"
             )));
         }
         Ok(())
+    }
+
+    pub(crate) fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Stamps a migrated copy: this build's version, migrated from
+    /// `from`, `region_bytes` long.
+    pub(crate) fn restamp(&mut self, from: u32, region_bytes: u64) {
+        self.version = LAYOUT_VERSION;
+        self.migrated_from = from;
+        self.region_bytes = region_bytes;
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_version(&mut self, version: u32) {
+        self.version = version;
     }
 }
 
@@ -126,6 +188,8 @@ pub struct Stamp {
     pub version: u32,
     /// Generation of the worker that took the region over last.
     pub generation: u64,
+    /// The layout it was migrated from, the last time it was (0: never).
+    pub migrated_from: u32,
 }
 
 impl Stamp {
@@ -143,11 +207,13 @@ impl Stamp {
             return Ok(Stamp {
                 version: 0,
                 generation: 0,
+                migrated_from: 0,
             });
         }
         Ok(Stamp {
             version: header.version,
             generation: header.generation,
+            migrated_from: header.migrated_from,
         })
     }
 }
@@ -306,6 +372,8 @@ impl Region {
             max_queue_size: u32::from(self.geometry.max_queue_size),
             conn_slots: self.geometry.conn_slots,
             conn_data_bytes: self.geometry.conn_data_bytes,
+            migrated_from: 0,
+            _reserved: 0,
         };
         std::sync::atomic::fence(Ordering::Release);
         // SAFETY: as `header`.
@@ -615,7 +683,8 @@ mod tests {
             Stamp::read(&fd).unwrap(),
             Stamp {
                 version: LAYOUT_VERSION,
-                generation: 1
+                generation: 1,
+                migrated_from: 0,
             }
         );
         // SAFETY: `version` lies in the header.

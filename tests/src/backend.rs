@@ -98,6 +98,37 @@ pub fn install_binary(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
+/// vsockd built with feature `layout-next` (a state-region layout one
+/// version past the current one), for the upgrade tests: built once, in
+/// `<target>/layout-next`, by the cargo running the tests.
+pub fn layout_next_binary() -> Result<PathBuf> {
+    static BUILT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = built.as_ref() {
+        return Ok(p.clone());
+    }
+    let target = crate::image::target_dir().join("layout-next");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .args(["build", "--release", "--quiet", "-p", "vsockd"])
+        .args(["--features", "layout-next", "--target-dir"])
+        .arg(&target)
+        .current_dir(crate::image::workspace_dir())
+        .stdin(Stdio::null())
+        .output()
+        .context(|| "cannot run cargo to build vsockd with feature layout-next".to_string())?;
+    if !out.status.success() {
+        return Err(Error::new(format!(
+            "building vsockd with feature layout-next failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let bin = target.join("release").join("vsockd");
+    *built = Some(bin.clone());
+    Ok(bin)
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

@@ -102,6 +102,10 @@ pub(super) struct Upgrade {
     quiesce_sent: Option<Instant>,
     /// Why the standby says it cannot take over.
     failure: Option<String>,
+    /// The state region's memfd when the upgrade started: a standby that
+    /// migrates the layout deposits a new one, and a rollback puts this
+    /// one back.
+    prior_region: Option<OwnedFd>,
 }
 
 /// A worker an upgrade replaced, told to exit.
@@ -158,6 +162,7 @@ impl Keeper {
             deadline: Some(Instant::now() + STANDBY_START_LIMIT),
             quiesce_sent: None,
             failure: None,
+            prior_region: self.store.dup(well_known::STATE_REGION),
         });
         Ok(())
     }
@@ -186,7 +191,7 @@ impl Keeper {
                 }
             };
             match frame.kind {
-                Kind::Standby => self.on_standby(frame.id),
+                Kind::Standby => self.on_standby(frame.id, frame.flags),
                 Kind::Ready => return self.complete_upgrade(frame.id, frame.flags),
                 Kind::Failed => {
                     let why = String::from_utf8_lossy(&frame.payload).into_owned();
@@ -199,16 +204,25 @@ impl Keeper {
         }
     }
 
-    fn on_standby(&mut self, layout: u64) {
+    /// The standby stands by: it read the region's layout `found`, and
+    /// writes layout `own`.
+    fn on_standby(&mut self, found: u64, own: u32) {
         let Some(u) = &mut self.upgrade else { return };
         if u.step != Step::Starting {
             warn!("upgrade: a second STANDBY from the standby worker, ignored");
             return;
         }
-        info!(
-            "upgrade: standby worker {} stands by (state region layout {layout})",
-            u.standby.number
-        );
+        if found == u64::from(own) {
+            info!(
+                "upgrade: standby worker {} stands by (state region layout {found})",
+                u.standby.number
+            );
+        } else {
+            info!(
+                "upgrade: standby worker {} stands by (state region layout {found}, which it migrates to {own})",
+                u.standby.number
+            );
+        }
         u.step = Step::Standing;
         u.deadline = Some(Instant::now() + QUIESCE_LIMIT);
         self.try_quiesce();
@@ -280,6 +294,16 @@ impl Keeper {
             line
         });
         self.worker_exe = u.exe;
+        if let Some(fd) = self.store.dup(well_known::STATE_REGION) {
+            self.region.replace_fd(fd);
+        }
+        let layout = match self.region.stamp() {
+            Ok(s) if s.migrated_from != 0 => {
+                format!("{} (migrated from {})", s.version, s.migrated_from)
+            }
+            Ok(s) => s.version.to_string(),
+            Err(e) => format!("unknown ({e})"),
+        };
         let path = self.binary_path.display().to_string();
         let pause_text = pause.map_or_else(
             || "none".to_string(),
@@ -293,7 +317,7 @@ impl Keeper {
         self.worker_ready(flags);
         let result = if adopted {
             Ok(format!(
-                "worker: {number} (pid {pid}, generation {generation})\nbinary: {path}\nretired: {}\npause: {pause_text}\n",
+                "worker: {number} (pid {pid}, generation {generation})\nbinary: {path}\nlayout: {layout}\nretired: {}\npause: {pause_text}\n",
                 retired.as_deref().unwrap_or("none")
             ))
         } else {
@@ -317,11 +341,15 @@ impl Keeper {
             Some(why) => format!("the new worker refused to take over: {why}"),
             None => format!("the new worker {cause} {}", u.step.describe()),
         };
-        self.roll_back(u.step, reason);
+        self.roll_back(u.step, u.prior_region, reason);
     }
 
     /// Ends a failed upgrade whose standby is dead (see the module doc).
-    fn roll_back(&mut self, step: Step, reason: String) {
+    fn roll_back(&mut self, step: Step, prior_region: Option<OwnedFd>, reason: String) {
+        if let Some(fd) = prior_region {
+            // A standby that migrated the layout deposited its copy.
+            self.store.deposit(well_known::STATE_REGION, fd);
+        }
         let outcome = match step {
             Step::Starting | Step::Standing => {
                 "the running worker never stopped serving".to_string()
@@ -420,7 +448,7 @@ impl Keeper {
                     "standby worker {number} overran its time limit {}",
                     step.describe()
                 );
-                self.roll_back(step, reason);
+                self.roll_back(step, u.prior_region, reason);
             }
         }
         let mut i = 0;

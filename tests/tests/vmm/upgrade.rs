@@ -245,3 +245,50 @@ fn upgrade_without_a_keeper_is_refused_with_the_reason() {
     rig.check_pair(&g, &h, 1, "after the refusal");
     rig.assert_clean();
 }
+
+/// An upgrade to a binary with a newer state-region layout (vsockd built
+/// here with feature `layout-next`) migrates the region and serves on;
+/// a crash after it restarts the worker from that binary, though the file
+/// on disk is an older build by then; and the upgrade to that older build
+/// is refused, since it cannot read the newer layout: the worker serves
+/// on. Connections carry bytes both ways throughout.
+#[test]
+fn upgrade_to_a_newer_layout_migrates_and_the_way_back_is_refused() {
+    if skipped_unless_vsockd("upgrade-layout") {
+        return;
+    }
+    let next = vsockd_tests::backend::layout_next_binary().unwrap_or_else(|e| panic!("{e}"));
+    let mut rig = Rig::from_copy("upgrade-layout", None);
+    let bin = rig.dir.join("bin").join("vsockd");
+    let (g, h) = rig.pair(7830, false);
+    let (g2, h2) = rig.pair(7831, true);
+    rig.check_pair(&g, &h, 1, "before");
+    rig.ok(install_binary(&next, &bin), "install the layout-next build");
+    let answer = rig.ok(upgrade(&rig), "upgrade to the newer layout");
+    if !answer.contains("layout: 3 (migrated from 2)") {
+        rig.fail(format!("the upgrade did not migrate the layout: {answer}"));
+    }
+    rig.check_pair(&g, &h, 2, "after the migration");
+    rig.check_pair(&g2, &h2, 3, "after the migration");
+    // The file on disk is the older build again; a crashed worker comes
+    // back from the binary it ran, which reads the newer layout.
+    rig.ok(
+        install_binary(&BackendKind::Vsockd.binary(), &bin),
+        "install the current build",
+    );
+    rig.ok(rig.backend.kill_worker(T), "kill the worker");
+    rig.check_pair(&g, &h, 4, "after a crash");
+    match upgrade(&rig) {
+        Ok(answer) => rig.fail(format!(
+            "the upgrade to an older layout succeeded: {answer}"
+        )),
+        Err(e) if e.contains("layout version 3") && e.contains("never stopped serving") => {}
+        Err(e) => rig.fail(format!("unexpected failure: {e}")),
+    }
+    rig.check_pair(&g, &h, 5, "after the refused upgrade");
+    rig.check_pair(&g2, &h2, 6, "after the refused upgrade");
+    let (g3, h3) = rig.pair(7832, false);
+    rig.check_pair(&g3, &h3, 7, "a new connection");
+    assert_eq!(restarts(&rig), "1", "{}", rig.backend.log_tail(30));
+    rig.assert_clean();
+}
