@@ -94,6 +94,11 @@ pub struct Args {
     #[arg(long, hide = true, requires = "worker_link")]
     pub standby: bool,
 
+    /// Internal: carry on as a keeper that re-executed itself, from the
+    /// image in this inherited descriptor.
+    #[arg(long, value_name = "FD", hide = true, conflicts_with = "worker_link")]
+    pub keeper_image: Option<i32>,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_level)]
     pub log_level: log::LevelFilter,
@@ -165,6 +170,12 @@ impl StatusArgs {
 pub struct UpgradeArgs {
     #[command(flatten)]
     pub target: Target,
+
+    /// Then re-execute the keeper itself from the new binary, keeping its
+    /// descriptors (the vhost-user session, every connection): the whole
+    /// instance then runs the new binary.
+    #[arg(long)]
+    pub keeper: bool,
 }
 
 impl UpgradeArgs {

@@ -11,6 +11,8 @@
 //!   status json   ->  ok\n, then the status as one JSON document
 //!   upgrade       ->  ok\n, then what the upgrade did, once it is done
 //!                     or error: <why>\n (the old worker serves on)
+//!   upgrade keeper -> the same, and the keeper then re-executes itself
+//!                     from the new binary before it answers
 //!   anything else ->  error: <why>\n
 //! ```
 //!
@@ -140,16 +142,18 @@ pub enum ClientError {
 enum Request {
     Text,
     Json,
-    Upgrade,
+    /// `upgrade`, or `upgrade keeper` (true).
+    Upgrade(bool),
 }
 
 /// What the process serving the control socket does for its requests.
 pub trait Requests {
     /// What `vsockd status` reports now.
     fn snapshot(&mut self) -> Snapshot;
-    /// Starts an upgrade, whose end is told with
-    /// [`ControlServer::finish_upgrade`]; an error is answered at once.
-    fn start_upgrade(&mut self) -> Result<(), String>;
+    /// Starts an upgrade of the worker, and then of the keeper itself if
+    /// `keeper`; its end is told with [`ControlServer::finish_upgrade`].
+    /// An error is answered at once.
+    fn start_upgrade(&mut self, keeper: bool) -> Result<(), String>;
 }
 
 /// Parses a request line (without its newline).
@@ -158,7 +162,8 @@ fn parse_request(line: &[u8]) -> Result<Request, String> {
     match line {
         b"status" => Ok(Request::Text),
         b"status json" => Ok(Request::Json),
-        b"upgrade" => Ok(Request::Upgrade),
+        b"upgrade" => Ok(Request::Upgrade(false)),
+        b"upgrade keeper" => Ok(Request::Upgrade(true)),
         other => {
             let text = String::from_utf8_lossy(other);
             let quoted: String = text.chars().take(QUOTED_REQUEST_CHARS).collect();
@@ -180,7 +185,7 @@ fn answer(request: Result<Request, String>, snapshot: &mut dyn FnMut() -> Snapsh
     match request {
         Ok(Request::Text) => format!("ok\n{}", snapshot().to_text()).into_bytes(),
         Ok(Request::Json) => format!("ok\n{}", snapshot().to_json().pretty()).into_bytes(),
-        Ok(Request::Upgrade) => b"error: no upgrade to answer\n".to_vec(),
+        Ok(Request::Upgrade(_)) => b"error: no upgrade to answer\n".to_vec(),
         Err(why) => error_answer(&why),
     }
 }
@@ -326,6 +331,47 @@ impl ControlServer {
         self.expire(Instant::now());
     }
 
+    /// The listener's and the waiting clients' descriptors, for a keeper
+    /// that re-executes itself (it keeps them across the execve).
+    pub fn exec_fds(&self) -> (RawFd, Vec<RawFd>) {
+        let waiting = self
+            .clients
+            .values()
+            .filter(|c| matches!(c.phase, Phase::Waiting))
+            .map(|c| c.stream.as_raw_fd())
+            .collect();
+        (self.listener.as_raw_fd(), waiting)
+    }
+
+    /// Takes a client that waits for an upgrade's answer (one a keeper
+    /// had before it re-executed itself).
+    pub fn adopt_waiting(&mut self, stream: UnixStream) {
+        if let Err(e) = stream.set_nonblocking(true) {
+            warn!("control socket: waiting client dropped: {e}");
+            return;
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        let added = self.watch(
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            stream.as_raw_fd(),
+            token,
+            epoll::Events::EPOLLIN,
+        );
+        if let Err(e) = added {
+            warn!("control socket: waiting client dropped: {e}");
+            return;
+        }
+        self.clients.insert(
+            token,
+            Client {
+                stream,
+                accepted: Instant::now(),
+                phase: Phase::Waiting,
+            },
+        );
+    }
+
     /// Answers the clients waiting for the upgrade that just ended.
     pub fn finish_upgrade(&mut self, result: &Result<String, String>) {
         let bytes = match result {
@@ -429,7 +475,7 @@ impl ControlServer {
         match next {
             Next::Keep => {}
             Next::Close(why) => self.close(token, why),
-            Next::Answer(Ok(Request::Upgrade)) => match requests.start_upgrade() {
+            Next::Answer(Ok(Request::Upgrade(keeper))) => match requests.start_upgrade(keeper) {
                 Ok(()) => {
                     info!("control socket: upgrade requested");
                     if let Some(client) = self.clients.get_mut(&token) {
@@ -648,9 +694,15 @@ pub fn request_status(path: &Path, json: bool) -> Result<String, ClientError> {
 }
 
 /// `vsockd upgrade`: asks the instance at control socket `path` to
-/// upgrade its worker, and waits for the outcome.
-pub fn request_upgrade(path: &Path) -> Result<String, ClientError> {
-    request(path, b"upgrade\n", UPGRADE_DEADLINE)
+/// upgrade its worker (and its keeper if `keeper`), and waits for the
+/// outcome.
+pub fn request_upgrade(path: &Path, keeper: bool) -> Result<String, ClientError> {
+    let line: &[u8] = if keeper {
+        b"upgrade keeper\n"
+    } else {
+        b"upgrade\n"
+    };
+    request(path, line, UPGRADE_DEADLINE)
 }
 
 /// Sends one request line and reads the answer, waiting at most
@@ -719,7 +771,7 @@ mod tests {
             snapshot()
         }
 
-        fn start_upgrade(&mut self) -> Result<(), String> {
+        fn start_upgrade(&mut self, _keeper: bool) -> Result<(), String> {
             self.upgrades += 1;
             self.refuse_upgrade.clone().map_or(Ok(()), Err)
         }
@@ -766,7 +818,8 @@ mod tests {
         assert_eq!(parse_request(b"status"), Ok(Request::Text));
         assert_eq!(parse_request(b"status\r"), Ok(Request::Text));
         assert_eq!(parse_request(b"status json"), Ok(Request::Json));
-        assert_eq!(parse_request(b"upgrade"), Ok(Request::Upgrade));
+        assert_eq!(parse_request(b"upgrade"), Ok(Request::Upgrade(false)));
+        assert_eq!(parse_request(b"upgrade keeper"), Ok(Request::Upgrade(true)));
         for junk in [
             &b"STATUS"[..],
             b"status  json",

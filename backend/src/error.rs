@@ -41,6 +41,9 @@ pub enum BackendError {
     /// The vsock device could not be created.
     #[error(transparent)]
     Device(#[from] vsockd_device::DeviceError),
+    /// A re-executed keeper cannot read what its predecessor left it.
+    #[error("keeper image: {0}")]
+    KeeperImage(String),
     /// The control socket could not be served.
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),

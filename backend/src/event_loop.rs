@@ -280,7 +280,7 @@ impl Requests for AloneRequests<'_> {
         (self.snapshot)()
     }
 
-    fn start_upgrade(&mut self) -> Result<(), String> {
+    fn start_upgrade(&mut self, _keeper: bool) -> Result<(), String> {
         Err("this instance runs without a keeper (--no-keeper), so it cannot be upgraded in place; restart it instead".into())
     }
 }

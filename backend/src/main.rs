@@ -32,7 +32,7 @@ use crate::event_loop::{
     prepare_worker, serve, PreparedWorker, ServeConfig, StateRegion, StatusServer,
 };
 use crate::handler::DeviceConfig;
-use crate::keeper::{Keeper, KeeperConfig};
+use crate::keeper::{Keeper, KeeperConfig, ResumeConfig};
 use crate::unix_host::UnixHost;
 use vsockd_persist::fdstore::well_known;
 use vsockd_persist::{Channel, FdSet, Geometry, Kind, LAYOUT_VERSION};
@@ -78,7 +78,10 @@ fn main() -> ExitCode {
     let result = match args.worker_link {
         Some(fd) => run_worker(&args, fd),
         None if args.no_keeper => run_alone(&args),
-        None => run_keeper(&args),
+        None => match args.keeper_image {
+            Some(fd) => run_resumed_keeper(&args, fd),
+            None => run_keeper(&args),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,7 +117,7 @@ fn run_upgrade(args: &UpgradeArgs) -> ExitCode {
     let answer = args
         .control_path()
         .map_err(|e| e.to_string())
-        .and_then(|path| control::request_upgrade(&path).map_err(|e| e.to_string()));
+        .and_then(|path| control::request_upgrade(&path, args.keeper).map_err(|e| e.to_string()));
     match answer {
         Ok(text) => {
             print!("{text}");
@@ -224,6 +227,27 @@ fn run_keeper(args: &Args) -> Result<(), BackendError> {
         socket_label: socket_label(args),
     };
     Keeper::new(vhost_listener, host_listener, config)?.run()
+}
+
+/// A keeper that re-executed itself (`vsockd upgrade --keeper`): it
+/// carries on from its image, with the listeners it already had.
+fn run_resumed_keeper(args: &Args, image_fd: i32) -> Result<(), BackendError> {
+    let _cleanup = RemoveOnDrop(
+        [args.socket_path.clone(), args.uds_path.clone()]
+            .into_iter()
+            .flatten()
+            .collect(),
+    );
+    announce(
+        args,
+        &format!("keeper pid {}, re-executed", std::process::id()),
+    );
+    let config = ResumeConfig {
+        geometry: geometry(args),
+        control_path: args.control_path(),
+        socket_label: socket_label(args),
+    };
+    Keeper::resume(image_fd, config)?.run()
 }
 
 /// The state region's geometry for these arguments.

@@ -119,6 +119,22 @@ impl RestartLog {
         self.recent.push_back(r);
     }
 
+    /// A log of `total` restarts of which `recent` are kept (as a keeper
+    /// re-executing itself hands it on).
+    pub fn from_parts(total: u64, recent: Vec<Restart>) -> Self {
+        let keep = recent.len().min(MAX_RESTARTS_KEPT);
+        let skip = recent.len() - keep;
+        RestartLog {
+            total: total.max(keep as u64),
+            recent: recent.into_iter().skip(skip).collect(),
+        }
+    }
+
+    /// The kept restarts, oldest first.
+    pub fn kept(&self) -> Vec<Restart> {
+        self.recent.iter().cloned().collect()
+    }
+
     /// Restarts since the keeper started.
     pub fn total(&self) -> u64 {
         self.total

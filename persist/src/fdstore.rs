@@ -139,6 +139,14 @@ impl FdStore {
         link.send(Kind::HandoverEnd, 0, started, &[], &[])
     }
 
+    /// Every descriptor held, with its id (they stay held).
+    pub fn raw_fds(&self) -> Vec<(u64, RawFd)> {
+        self.fds
+            .iter()
+            .map(|(&id, fd)| (id, fd.as_raw_fd()))
+            .collect()
+    }
+
     /// Number of descriptors held.
     pub fn len(&self) -> usize {
         self.fds.len()

@@ -506,10 +506,16 @@ impl Backend {
     /// Runs `vsockd upgrade` for this backend's vhost-user socket and
     /// returns what it printed and its exit status.
     pub fn upgrade(&self) -> Result<Output> {
+        self.upgrade_with(&[])
+    }
+
+    /// `upgrade` with more arguments (`--keeper`).
+    pub fn upgrade_with(&self, extra: &[&str]) -> Result<Output> {
         Command::new(BackendKind::Vsockd.binary())
             .arg("upgrade")
             .arg("--socket-path")
             .arg(&self.socket)
+            .args(extra)
             .stdin(Stdio::null())
             .output()
             .context(|| "cannot run vsockd upgrade".to_string())

@@ -58,7 +58,12 @@
 //! its time and cause, and connections and queues are read from the state
 //! region (see `status_region`). Serving it never blocks (see `control`).
 
+mod image;
+mod process;
+mod reexec;
 mod upgrade;
+
+pub use reexec::ResumeConfig;
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -67,7 +72,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, warn};
@@ -124,7 +129,7 @@ struct Pending {
 struct Worker {
     /// Its number: workers started before it, plus one.
     number: u64,
-    child: Child,
+    child: process::WorkerProcess,
     link: Channel,
     ready: bool,
     started_at: Instant,
@@ -187,6 +192,9 @@ pub struct Keeper {
     upgrade: Option<upgrade::Upgrade>,
     /// Workers an upgrade replaced, told to exit and not yet reaped.
     retiring: Vec<upgrade::Retiring>,
+    /// The keeper re-executes itself once at rest (`vsockd upgrade
+    /// --keeper`, after the worker's upgrade): the answer so far.
+    keeper_exec: Option<String>,
     /// Standby workers started so far.
     standbys_started: u64,
     listener: UnixListener,
@@ -251,6 +259,7 @@ impl Keeper {
             binary_path,
             upgrade: None,
             retiring: Vec::new(),
+            keeper_exec: None,
             standbys_started: 0,
             listener,
             host_listener,
@@ -320,7 +329,7 @@ impl Keeper {
                 Ok(())
             });
         }
-        let child = cmd.spawn()?;
+        let child = process::WorkerProcess::from_child(cmd.spawn()?);
         drop(worker_end);
         Ok(Worker {
             number,
@@ -481,6 +490,7 @@ impl Keeper {
                 .collect();
             self.reap_retired(&retired);
             self.upgrade_timers();
+            self.try_reexec();
         }
     }
 
@@ -843,15 +853,14 @@ impl crate::control::Requests for Keeper {
         Keeper::snapshot(self)
     }
 
-    fn start_upgrade(&mut self) -> Result<(), String> {
-        Keeper::start_upgrade(self)
+    fn start_upgrade(&mut self, keeper: bool) -> Result<(), String> {
+        Keeper::start_upgrade(self, keeper)
     }
 }
 
 /// Stops a worker process: SIGTERM, then SIGKILL after a grace.
 fn stop(mut w: Worker) {
-    // SAFETY: signalling our own child by its pid.
-    unsafe { libc::kill(w.child.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = w.child.signal(libc::SIGTERM);
     let deadline = Instant::now() + WORKER_EXIT_GRACE;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = w.child.try_wait() {

@@ -106,6 +106,8 @@ pub(super) struct Upgrade {
     /// migrates the layout deposits a new one, and a rollback puts this
     /// one back.
     prior_region: Option<OwnedFd>,
+    /// The keeper re-executes itself after (`vsockd upgrade --keeper`).
+    then_keeper: bool,
 }
 
 /// A worker an upgrade replaced, told to exit.
@@ -124,9 +126,11 @@ impl Keeper {
             .is_some_and(|u| u.step != Step::Starting)
     }
 
-    /// `vsockd upgrade`: starts a standby worker from the binary on disk.
-    pub(super) fn start_upgrade(&mut self) -> Result<(), String> {
-        if self.upgrade.is_some() {
+    /// `vsockd upgrade`: starts a standby worker from the binary on disk;
+    /// with `keeper`, the keeper re-executes itself from it once the
+    /// worker's upgrade succeeded (see `reexec`).
+    pub(super) fn start_upgrade(&mut self, keeper: bool) -> Result<(), String> {
+        if self.upgrade.is_some() || self.keeper_exec.is_some() {
             return Err("an upgrade is already under way".into());
         }
         if !self.worker.as_ref().is_some_and(|w| w.ready) {
@@ -163,6 +167,7 @@ impl Keeper {
             quiesce_sent: None,
             failure: None,
             prior_region: self.store.dup(well_known::STATE_REGION),
+            then_keeper: keeper,
         });
         Ok(())
     }
@@ -315,6 +320,13 @@ impl Keeper {
         );
         let adopted = flags & vsockd_persist::channel::FLAG_CLOSE == 0;
         self.worker_ready(flags);
+        if adopted && u.then_keeper {
+            self.keeper_exec = Some(format!(
+                "worker: {number} (pid {pid}, generation {generation})\nbinary: {path}\nlayout: {layout}\nretired: {}\npause: {pause_text}\n",
+                retired.as_deref().unwrap_or("none")
+            ));
+            return;
+        }
         let result = if adopted {
             Ok(format!(
                 "worker: {number} (pid {pid}, generation {generation})\nbinary: {path}\nlayout: {layout}\nretired: {}\npause: {pause_text}\n",
@@ -496,7 +508,7 @@ impl Keeper {
         }
     }
 
-    fn answer_upgrade(&mut self, result: Result<String, String>) {
+    pub(super) fn answer_upgrade(&mut self, result: Result<String, String>) {
         if let Some(control) = &mut self.control {
             control.finish_upgrade(&result);
         }

@@ -10,7 +10,12 @@ use vsockd_tests::chaos::percentile;
 /// Runs `vsockd upgrade` for the rig's backend: what it printed, or its
 /// exit status and what it said on stderr.
 fn upgrade(rig: &Rig) -> Result<String, String> {
-    let out = rig.ok(rig.backend.upgrade(), "run vsockd upgrade");
+    upgrade_with(rig, &[])
+}
+
+/// `upgrade` with more arguments (`--keeper`).
+fn upgrade_with(rig: &Rig, extra: &[&str]) -> Result<String, String> {
+    let out = rig.ok(rig.backend.upgrade_with(extra), "run vsockd upgrade");
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -290,5 +295,65 @@ fn upgrade_to_a_newer_layout_migrates_and_the_way_back_is_refused() {
     let (g3, h3) = rig.pair(7832, false);
     rig.check_pair(&g3, &h3, 7, "a new connection");
     assert_eq!(restarts(&rig), "1", "{}", rig.backend.log_tail(30));
+    rig.assert_clean();
+}
+
+/// `vsockd upgrade --keeper`: the worker is upgraded, then the keeper
+/// re-executes itself in the same process. Streams running both ways
+/// through three such upgrades lose and repeat nothing; the keeper keeps
+/// its restart log, accepts new host clients, and restarts a killed
+/// worker afterwards.
+#[test]
+fn keeper_upgrades_keep_every_connection_and_the_restart_log() {
+    if skipped_unless_vsockd("upgrade-keeper") {
+        return;
+    }
+    let mut rig = Rig::from_copy("upgrade-keeper", Some("info"));
+    let keeper_pid = rig.backend.pid();
+    let (g, h) = rig.pair(7840, false);
+    rig.check_pair(&g, &h, 1, "before");
+    rig.ok(rig.backend.kill_worker(T), "kill the worker");
+    rig.check_pair(&g, &h, 2, "after a crash");
+    let pairs: Vec<(VStream, UnixStream)> =
+        (0..4).map(|i| rig.pair(7850 + i, i % 2 == 0)).collect();
+    let stop = AtomicBool::new(false);
+    let rig_ref = &rig;
+    let flows = thread::scope(|sc| {
+        let flows = stream_flows(sc, &pairs, &stop);
+        for k in 0..3 {
+            thread::sleep(Duration::from_millis(50));
+            let answer = match upgrade_with(rig_ref, &["--keeper"]) {
+                Ok(a) => a,
+                Err(e) => rig_ref.fail(format!("keeper upgrade #{k} failed: {e}")),
+            };
+            let want = format!("keeper: pid {} re-executed", keeper_pid.unwrap_or(0));
+            if !answer.contains(&want) || !answer.contains("pause: ") {
+                rig_ref.fail(format!("keeper upgrade #{k}: {answer:?} lacks {want:?}"));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        flows
+            .into_iter()
+            .map(|(what, w, r)| {
+                let written = w.join().expect("writer thread");
+                let read = r.join().expect("reader thread");
+                (what, Ok(written.map(|w| (w, 0))), read)
+            })
+            .collect::<Vec<FlowResult>>()
+    });
+    check_exact(&rig, flows);
+    assert_eq!(
+        rig.backend.pid(),
+        keeper_pid,
+        "the keeper's process changed"
+    );
+    // The restart log came through the three re-executions.
+    assert_eq!(restarts(&rig), "1");
+    rig.check_pair(&g, &h, 3, "after the keeper upgrades");
+    let (g2, h2) = rig.pair(7860, false);
+    rig.check_pair(&g2, &h2, 4, "a host client the new keeper accepted");
+    rig.ok(rig.backend.kill_worker(T), "kill the worker");
+    rig.check_pair(&g, &h, 5, "after a crash under the new keeper");
+    assert_eq!(restarts(&rig), "2");
     rig.assert_clean();
 }
