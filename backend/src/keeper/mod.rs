@@ -53,6 +53,14 @@
 //! When the session ends the store drops them with every other
 //! connection's stream, as the worker closes every connection.
 //!
+//! Upgrades (`vsockd upgrade`): the keeper starts a standby worker from
+//! the binary on disk and hands it the session once the running worker
+//! has quiesced, or rolls back (see `upgrade`); with `--keeper` it then
+//! re-executes itself from that binary (see `reexec` and `image`). Workers
+//! are always started from the binary the serving worker came from, held
+//! open, so a restart after a crash runs the same code whatever became of
+//! the file.
+//!
 //! The keeper also serves the control socket (`vsockd status`), since it
 //! outlives the workers and saw every restart: each death is recorded with
 //! its time and cause, and connections and queues are read from the state
