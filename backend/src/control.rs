@@ -346,30 +346,7 @@ impl ControlServer {
     /// Takes a client that waits for an upgrade's answer (one a keeper
     /// had before it re-executed itself).
     pub fn adopt_waiting(&mut self, stream: UnixStream) {
-        if let Err(e) = stream.set_nonblocking(true) {
-            warn!("control socket: waiting client dropped: {e}");
-            return;
-        }
-        let token = self.next_token;
-        self.next_token += 1;
-        let added = self.watch(
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            stream.as_raw_fd(),
-            token,
-            epoll::Events::EPOLLIN,
-        );
-        if let Err(e) = added {
-            warn!("control socket: waiting client dropped: {e}");
-            return;
-        }
-        self.clients.insert(
-            token,
-            Client {
-                stream,
-                accepted: Instant::now(),
-                phase: Phase::Waiting,
-            },
-        );
+        self.add_client(stream, Phase::Waiting);
     }
 
     /// Answers the clients waiting for the upgrade that just ended.
@@ -400,34 +377,42 @@ impl ControlServer {
                     return;
                 }
             };
-            if let Err(e) = stream.set_nonblocking(true) {
-                warn!("control socket: client dropped: {e}");
-                continue;
-            }
             if self.clients.len() >= MAX_CLIENTS {
                 self.evict_oldest();
             }
-            let token = self.next_token;
-            self.next_token += 1;
-            let added = self.watch(
-                epoll::ControlOptions::EPOLL_CTL_ADD,
-                stream.as_raw_fd(),
-                token,
-                epoll::Events::EPOLLIN,
-            );
-            if let Err(e) = added {
-                warn!("control socket: client dropped: {e}");
-                continue;
-            }
-            self.clients.insert(
-                token,
-                Client {
-                    stream,
-                    accepted: Instant::now(),
-                    phase: Phase::Reading(Vec::with_capacity(MAX_REQUEST_BYTES)),
-                },
+            self.add_client(
+                stream,
+                Phase::Reading(Vec::with_capacity(MAX_REQUEST_BYTES)),
             );
         }
+    }
+
+    /// Serves `stream`, a client in `phase`.
+    fn add_client(&mut self, stream: UnixStream, phase: Phase) {
+        if let Err(e) = stream.set_nonblocking(true) {
+            warn!("control socket: client dropped: {e}");
+            return;
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        let added = self.watch(
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            stream.as_raw_fd(),
+            token,
+            epoll::Events::EPOLLIN,
+        );
+        if let Err(e) = added {
+            warn!("control socket: client dropped: {e}");
+            return;
+        }
+        self.clients.insert(
+            token,
+            Client {
+                stream,
+                accepted: Instant::now(),
+                phase,
+            },
+        );
     }
 
     fn evict_oldest(&mut self) {

@@ -313,15 +313,9 @@ impl Region {
     /// Maps the region in `fd` (a memfd), formatting it if it is new.
     /// Returns the region and whether it was new.
     pub fn open(fd: OwnedFd, geometry: Geometry) -> Result<(Self, bool), PersistError> {
-        let layout = Layout::of(&geometry)?;
         let existing = SharedMemory::file_len(&fd)?;
-        let shm = Arc::new(SharedMemory::map(fd, layout.total)?);
-        let region = Region {
-            shm,
-            geometry,
-            layout,
-        };
-        let header = region.header();
+        let region = Region::map(fd, geometry)?;
+        let (header, layout) = (region.header(), region.layout);
         if existing == 0 || header.magic == [0; 8] {
             region.format();
             return Ok((region, true));
@@ -335,22 +329,27 @@ impl Region {
     /// before it takes anything over. Fails with
     /// [`PersistError::NotFormatted`] on a region nobody formatted.
     pub fn open_existing(fd: OwnedFd, geometry: Geometry) -> Result<Self, PersistError> {
-        let layout = Layout::of(&geometry)?;
         if SharedMemory::file_len(&fd)? == 0 {
             return Err(PersistError::NotFormatted);
         }
-        let shm = Arc::new(SharedMemory::map(fd, layout.total)?);
-        let region = Region {
-            shm,
-            geometry,
-            layout,
-        };
+        let region = Region::map(fd, geometry)?;
         let header = region.header();
         if !header.is_formatted() {
             return Err(PersistError::NotFormatted);
         }
-        header.check(&geometry, &layout)?;
+        header.check(&geometry, &region.layout)?;
         Ok(region)
+    }
+
+    /// Maps the region in `fd` laid out for `geometry` (sizing the file).
+    fn map(fd: OwnedFd, geometry: Geometry) -> Result<Self, PersistError> {
+        let layout = Layout::of(&geometry)?;
+        let shm = Arc::new(SharedMemory::map(fd, layout.total)?);
+        Ok(Region {
+            shm,
+            geometry,
+            layout,
+        })
     }
 
     fn header(&self) -> Header {

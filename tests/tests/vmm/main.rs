@@ -2557,6 +2557,18 @@ fn stream_flows<'s>(
     flows
 }
 
+/// Waits for each flow's writer and reader.
+fn join_flows(flows: Vec<Flow<'_>>) -> Vec<FlowResult> {
+    flows
+        .into_iter()
+        .map(|(what, w, r)| {
+            let written = w.join().expect("writer thread");
+            let read = r.join().expect("reader thread");
+            (what, Ok(written.map(|w| (w, 0))), read)
+        })
+        .collect()
+}
+
 #[test]
 fn chaos_worker_killed_500_times_during_verified_streams() {
     // VSOCKD_CHAOS_KILLS and VSOCKD_CHAOS_LOG change the count and the
@@ -2628,15 +2640,7 @@ fn chaos_worker_killed_500_times_during_verified_streams() {
                 .map_err(|_| "a churned connection failed (see above)"),
             "churn",
         );
-        let flows = flows
-            .into_iter()
-            .map(|(what, w, r)| {
-                let written = w.join().expect("writer thread");
-                let read = r.join().expect("reader thread");
-                (what, Ok(written.map(|w| (w, 0))), read)
-            })
-            .collect::<Vec<_>>();
-        (flows, churn_checks)
+        (join_flows(flows), churn_checks)
     });
     let (mut results, churn_checks) = results;
     results.extend(churn_checks);

@@ -136,15 +136,7 @@ fn upgrades_during_verified_streams_lose_and_repeat_nothing() {
                 .map_err(|_| "a churned connection failed (see above)"),
             "churn",
         );
-        let flows: Vec<FlowResult> = flows
-            .into_iter()
-            .map(|(what, w, r)| {
-                let written = w.join().expect("writer thread");
-                let read = r.join().expect("reader thread");
-                (what, Ok(written.map(|w| (w, 0))), read)
-            })
-            .collect();
-        (flows, churn_checks)
+        (join_flows(flows), churn_checks)
     });
     let verified = check_exact(&rig, flows);
     check_exact(&rig, churn_checks);
@@ -332,14 +324,7 @@ fn keeper_upgrades_keep_every_connection_and_the_restart_log() {
             }
         }
         stop.store(true, Ordering::Relaxed);
-        flows
-            .into_iter()
-            .map(|(what, w, r)| {
-                let written = w.join().expect("writer thread");
-                let read = r.join().expect("reader thread");
-                (what, Ok(written.map(|w| (w, 0))), read)
-            })
-            .collect::<Vec<FlowResult>>()
+        join_flows(flows)
     });
     check_exact(&rig, flows);
     assert_eq!(
