@@ -299,6 +299,10 @@ impl Keeper {
             line
         });
         self.worker_exe = u.exe;
+        // Host clients not sent to the old worker went with the hand-over,
+        // as every fd in the store: none may follow in a frame too.
+        self.unsent_clients.clear();
+        self.client_retry_at = None;
         if let Some(fd) = self.store.dup(well_known::STATE_REGION) {
             self.region.replace_fd(fd);
         }
