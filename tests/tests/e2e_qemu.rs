@@ -1076,3 +1076,368 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
         ));
     }
 }
+
+/// The fields of a `key: value` answer (`vsockd status`, `vsockd
+/// upgrade`).
+fn answer_fields(text: &str) -> std::collections::BTreeMap<&str, &str> {
+    text.lines().filter_map(|l| l.split_once(": ")).collect()
+}
+
+/// Live upgrades with a real guest: `vsockd upgrade` 20 times (or
+/// `VSOCKD_QEMU_UPGRADES`) at random instants, one upgrade in ten inside a
+/// VM stop and resume, while 8 long connections (4 opened by the guest to
+/// a host listener, 4 by host clients through `CONNECT`, all raw host
+/// streams) move verified streams both ways, and in every round a new
+/// connection each way opens after the upgrade before, carries a verified
+/// stream each way through the round's upgrade (half the upgrades start
+/// within 10 ms of the round's connections, to catch their set-ups), and
+/// closes; a last round after the last upgrade. Passes when every upgrade
+/// succeeds, reports its pause and hands over to the next worker
+/// generation; every stream, each way, arrives complete with no byte lost,
+/// repeated or corrupt (unlike a kill, an upgrade must cost nothing, not
+/// even one chunk of a raw host stream); neither the guest nor the host
+/// sees an error or a reset; every host client gets its `OK` once and
+/// every guest connect reaches its host service once; QEMU logs no vhost
+/// error; and `vsockd status` counts no worker restart.
+#[test]
+fn upgrades_20_times_during_verified_transfers_with_a_real_guest() {
+    use std::sync::atomic::AtomicBool;
+    use vsockd_tests::chaos::{host_chaos, percentile, publish_report, HostChaos, Rng, SendUntil};
+    use vsockd_tests::stream::ResultLine;
+
+    /// Long connections opened from each side.
+    const LONG: u64 = 4;
+    /// Every this many upgrades, one runs inside a VM stop and resume.
+    const PAUSE_EVERY: u32 = 10;
+    /// Longest random wait between starting a round's short connections
+    /// and its upgrade.
+    const UPGRADE_DELAY_MAX_MS: u64 = 250;
+    /// The same for the half of the upgrades that come at once.
+    const SETUP_DELAY_MAX_MS: u64 = 10;
+    /// The guest probes run for the whole test.
+    const UPGRADE_PROBE_TIMEOUT_SECS: u64 = 900;
+    // Ports and the first seed of each group of streams the guest sends.
+    const LONG_G_PORT: u32 = 7201;
+    const LONG_G_SEED: u64 = 0x8000;
+    const LONG_H_PORT: u32 = 7202;
+    const LONG_H_SEED: u64 = 0x8100;
+    const CHURN_G_PORT: u32 = 7203;
+    const CHURN_G_SEED: u64 = 0x8200;
+    const CHURN_H_PORT: u32 = 7204;
+    const CHURN_H_SEED: u64 = 0x8400;
+
+    let upgrades: u32 = std::env::var("VSOCKD_QEMU_UPGRADES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    assert!(
+        upgrades < 0xff,
+        "seed ranges hold fewer than 256 short connections"
+    );
+    let level = std::env::var("VSOCKD_CHAOS_LOG").unwrap_or_else(|_| "info".into());
+    let rig = Rig::with_log_level("qemu-upgrade", Some(&level));
+    if rig.backend.kind() != BackendKind::Vsockd {
+        eprintln!(
+            "{}: SKIPPED: only vsockd with its keeper upgrades",
+            rig.name
+        );
+        return;
+    }
+    let mut rng = Rng::from_clock();
+    eprintln!("{}: random seed {}", rig.name, rng.seed());
+    let guest = |args: String| -> GuestJob {
+        let cmd = format!("vsock-probe --timeout {UPGRADE_PROBE_TIMEOUT_SECS} {args}");
+        rig.ok(rig.vm().spawn(&cmd), &format!("starting {cmd:?}"))
+    };
+    let listening = |job: GuestJob| -> GuestJob {
+        rig.ok(job.wait_for_output("LISTENING", T), "guest listener");
+        job
+    };
+    let long_h_job = listening(guest(format!(
+        "listen {LONG_H_PORT} --count {LONG} --seed-step 1 chaos {LONG_H_SEED}"
+    )));
+    // One short connection each way per upgrade, and one after the last.
+    let churns = u64::from(upgrades) + 1;
+    let churn_h_job = listening(guest(format!(
+        "listen {CHURN_H_PORT} --count {churns} --seed-step 1 chaos {CHURN_H_SEED}"
+    )));
+    let long_g_listener = rig.ok(HostListener::bind(rig.uds(), LONG_G_PORT), "bind");
+    let churn_g_listener = rig.ok(HostListener::bind(rig.uds(), CHURN_G_PORT), "bind");
+    let long_g_job = guest(format!(
+        "connect 2 {LONG_G_PORT} --parallel {LONG} chaos {LONG_G_SEED}"
+    ));
+    let churn_g_job = guest(format!(
+        "connect 2 {CHURN_G_PORT} --repeat {churns} chaos {CHURN_G_SEED}"
+    ));
+
+    // Runs one `vsockd upgrade`: the pause it reports. Worker generation
+    // `generation` must serve after it.
+    let upgrade = |generation: u32, what: &str| -> Duration {
+        let out = rig.ok(
+            rig.backend.upgrade(),
+            &format!("{what}: run vsockd upgrade"),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            rig.fail(format!(
+                "{what}: vsockd upgrade failed ({}): {}{stdout}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let fields = answer_fields(&stdout);
+        let worker = fields.get("worker").copied().unwrap_or("<missing>");
+        if !worker.ends_with(&format!(", generation {generation})")) {
+            rig.fail(format!(
+                "{what}: the upgrade answered worker {worker:?}, not generation {generation}:\n{stdout}"
+            ));
+        }
+        let pause = fields
+            .get("pause")
+            .and_then(|p| p.strip_suffix(" ms"))
+            .and_then(|ms| ms.parse::<f64>().ok())
+            .unwrap_or_else(|| rig.fail(format!("{what}: no pause in the answer:\n{stdout}")));
+        Duration::from_secs_f64(pause / 1e3)
+    };
+
+    let stop = AtomicBool::new(false);
+    let round_done: Vec<AtomicBool> = (0..churns).map(|_| AtomicBool::new(false)).collect();
+    let mut pauses = Vec::new();
+    let rig = &rig;
+    // (what, the host side of a connection) for every connection.
+    let mut host_sides: Vec<(String, HostChaos)> = Vec::new();
+    /// Ends every stream when the test leaves the scope below, also when
+    /// it fails there (the scope waits for their threads).
+    struct StopOnDrop<'a>(&'a AtomicBool, &'a [AtomicBool]);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+            for done in self.1 {
+                done.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+    thread::scope(|sc| {
+        let _stop_on_drop = StopOnDrop(&stop, &round_done);
+        let stop = &stop;
+        let mut long = Vec::new();
+        for i in 0..LONG {
+            let s = rig.accept(&long_g_listener, &format!("long guest connection {i}"));
+            long.push(
+                sc.spawn(move || host_chaos(&s, LONG_G_SEED, LONG, None, SendUntil::Flag(stop))),
+            );
+        }
+        for _ in 0..LONG {
+            let (s, local) = rig.ok(
+                hybrid_connect_timeout(rig.uds(), LONG_H_PORT, T),
+                "long host connection",
+            );
+            s.set_read_timeout(Some(T)).unwrap();
+            s.set_write_timeout(Some(T)).unwrap();
+            let line = format!("OK {local}\n");
+            long.push(sc.spawn(move || {
+                host_chaos(&s, LONG_H_SEED, LONG, Some(&line), SendUntil::Flag(stop))
+            }));
+        }
+
+        for k in 0..=upgrades {
+            let what = format!("round {k}");
+            // A new connection each way, opened after the upgrade before
+            // (the guest opens its next one when the host half-closes the
+            // last), and kept sending until this round's upgrade is over.
+            // The last round has no upgrade.
+            let done = &round_done[k as usize];
+            // An upgrade during either set-up must cost nothing: the host
+            // client gets its OK once (host_chaos counts a second one as
+            // repeated bytes), and the host service sees the guest's
+            // connect once (a connection ending before any byte would be
+            // the first of a connect made twice).
+            let from_host = sc.spawn(|| {
+                let (s, local) = rig.ok(
+                    hybrid_connect_timeout(rig.uds(), CHURN_H_PORT, T),
+                    "short host CONNECT",
+                );
+                s.set_read_timeout(Some(T)).unwrap();
+                s.set_write_timeout(Some(T)).unwrap();
+                let line = format!("OK {local}\n");
+                let until = SendUntil::Flag(done);
+                match host_chaos(&s, CHURN_H_SEED, churns, Some(&line), until) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => rig.fail("a short host connection ended before any byte"),
+                    Err(e) => rig.fail(format!("short host connection: {e}")),
+                }
+            });
+            let from_guest = sc.spawn(|| {
+                let s = rig.accept(&churn_g_listener, "short guest connection");
+                let until = SendUntil::Flag(done);
+                match host_chaos(&s, CHURN_G_SEED, churns, None, until) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => rig.fail(
+                        "a short guest connection ended before any byte: its connect reached \
+                         the host service twice",
+                    ),
+                    Err(e) => rig.fail(format!("short guest connection: {e}")),
+                }
+            });
+            // Half the upgrades come at once, to catch the round's
+            // connections in their set-up.
+            let delay_max = if rng.below(2) == 0 {
+                SETUP_DELAY_MAX_MS
+            } else {
+                UPGRADE_DELAY_MAX_MS
+            };
+            thread::sleep(Duration::from_millis(rng.below(delay_max)));
+            if k < upgrades {
+                // The first worker is generation 1; each upgrade's
+                // standby takes the next.
+                let generation = k + 2;
+                if k % PAUSE_EVERY == PAUSE_EVERY - 1 {
+                    rig.ok(rig.vm().stop(), &format!("{what}: QEMU stop"));
+                    thread::sleep(Duration::from_millis(rng.below(50)));
+                    pauses.push(upgrade(generation, &format!("{what}: upgrade in a pause")));
+                    rig.ok(rig.vm().cont(), &format!("{what}: QEMU cont"));
+                } else {
+                    pauses.push(upgrade(generation, &what));
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+            for (dir, t) in [("host", from_host), ("guest", from_guest)] {
+                let c = t.join().expect("short connection thread");
+                host_sides.push((format!("{what}: short connection from the {dir}"), c));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for (i, t) in long.into_iter().enumerate() {
+            let side = if (i as u64) < LONG { "guest" } else { "host" };
+            let c = rig.ok(
+                t.join().expect("long connection thread"),
+                &format!("long connection {i} from the {side}"),
+            );
+            match c {
+                Some(c) => host_sides.push((format!("long connection {i} from the {side}"), c)),
+                None => rig.fail(format!("long connection {i} ended before any byte")),
+            }
+        }
+    });
+
+    // The guest's side of every connection: no error, no reset.
+    let mut guest_sides: Vec<ResultLine> = Vec::new();
+    let mut resets = 0u32;
+    for (job, what) in [
+        (&long_g_job, "long connections from the guest"),
+        (&long_h_job, "long connections from the host"),
+        (&churn_g_job, "short connections from the guest"),
+        (&churn_h_job, "short connections from the host"),
+    ] {
+        let out = rig.ok(job.wait(T), what);
+        let results = parse_results(&out.output);
+        for r in &results {
+            if r.kind != "RESULT" || r.get("errno") != Some("-") {
+                resets += 1;
+            }
+        }
+        if out.status != 0 || resets > 0 {
+            rig.fail(format!(
+                "{what}: the guest saw an error (exit {}):\n{}",
+                out.status, out.output
+            ));
+        }
+        guest_sides.extend(results.into_iter().filter(|r| r.get("seed").is_some()));
+    }
+    let expected = 2 * (LONG + churns) as usize;
+    if guest_sides.len() != expected || host_sides.len() != expected {
+        rig.fail(format!(
+            "{} guest results and {} host sides for {expected} connections",
+            guest_sides.len(),
+            host_sides.len()
+        ));
+    }
+
+    // Each connection both ways: complete, in order, not a byte lost or
+    // repeated.
+    let (mut verified, mut lost, mut repeated) = (0u64, 0u64, 0u64);
+    let mut problems = Vec::new();
+    for (what, h) in &host_sides {
+        let Some(g) = guest_sides
+            .iter()
+            .find(|g| g.num("seed") == Some(h.seed as i64))
+        else {
+            problems.push(format!("{what}: no guest result for stream {:#x}", h.seed));
+            continue;
+        };
+        let num = |k: &str| g.num(k).unwrap_or(-1);
+        // Guest to host.
+        let c = &h.check;
+        if c.corrupt || !c.gaps.is_empty() || c.offset() as i64 != num("sent") {
+            problems.push(format!(
+                "{what}: guest to host: the guest sent {} bytes, the host's stream reaches {} \
+                 with gaps {:?} (corrupt {})",
+                num("sent"),
+                c.offset(),
+                c.gaps,
+                c.corrupt
+            ));
+        }
+        lost += c.lost();
+        repeated += c.duplicated();
+        verified += c.offset();
+        // Host to guest, as the guest's probe reported it.
+        let sent = h.sent as i64;
+        if g.get("corrupt") != Some("no")
+            || num("offset") != sent
+            || num("received") != sent
+            || num("gaps") != 0
+        {
+            problems.push(format!(
+                "{what}: host to guest: the host sent {} bytes, the guest received {} reaching \
+                 {} with {} gaps of {} lost, {} repeated bytes (corrupt {:?})",
+                h.sent,
+                num("received"),
+                num("offset"),
+                num("gaps"),
+                num("lost"),
+                num("dup"),
+                g.get("corrupt")
+            ));
+        }
+        lost += num("lost").max(0) as u64;
+        repeated += num("dup").max(0) as u64;
+        verified += num("offset").max(0) as u64;
+    }
+    pauses.sort();
+    publish_report(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "upgrade, QEMU guest",
+        &format!(
+            "upgrades {} | bytes verified {verified} on {} connections | bytes lost {lost} | \
+             bytes repeated {repeated} | resets seen by the guest {resets} | pause (quiesce \
+             to ready) p50 {:.1} ms, max {:.1} ms",
+            pauses.len(),
+            host_sides.len(),
+            percentile(&pauses, 0.5).as_secs_f64() * 1e3,
+            pauses.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+        ),
+    );
+    if !problems.is_empty() {
+        rig.fail(problems.join("\n"));
+    }
+    rig.no_vhost_errors_in_qemu_log();
+
+    // `vsockd status`: the last upgrade's worker serves, and an upgrade is
+    // not a restart.
+    let out = rig.ok(rig.backend.status(false), "vsockd status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fields = answer_fields(&text);
+    let field = |k: &str| fields.get(k).copied().unwrap_or("<missing>");
+    if !out.status.success()
+        || field("restarts.total") != "0"
+        || field("worker.generation") != (upgrades + 1).to_string()
+        || field("frontend.connected") != "true"
+    {
+        rig.fail(format!(
+            "vsockd status after {upgrades} upgrades (exit {}):\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+}
