@@ -14,19 +14,19 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vsockd_tests::chaos::Gap;
+use vsockd_tests::chaos::{host_chaos, Gap, HostChaos, Rng, SendUntil};
 use vsockd_tests::hybrid::{
     hybrid_connect, hybrid_connect_timeout, read_ok_line, read_verified, read_verified_at,
     run_on_stream, write_verified, write_verified_at, HostListener,
 };
 use vsockd_tests::pattern::{self, reply_seed};
 use vsockd_tests::qemu::{temp_dir, CmdOutput, GuestJob};
-use vsockd_tests::stream::{parse_results, Mode};
+use vsockd_tests::stream::{parse_results, Mode, ResultLine};
 use vsockd_tests::trace::Proxy;
 use vsockd_tests::{Backend, BackendKind, Error, GuestImage, Vm, VmConfig};
 
@@ -693,29 +693,372 @@ fn worker_killed_the_device_carries_on() {
     rig.no_vhost_errors_in_qemu_log();
 }
 
-// 11. Chaos with a real guest: the worker is SIGKILLed at random instants
-// (30 times, or `VSOCKD_QEMU_CHAOS_KILLS`), one kill in ten inside a VM
-// stop and resume, while 8 long connections (4 opened by the guest, 4 by
-// the host) move verified streams both ways, and in every round a new
-// connection each way opens after the kill before, carries a verified
-// stream each way through the round's kill, and closes; a last round
-// after the last kill. Passes when QEMU logs no vhost error, the guest
-// sees no reset, every stream arrives complete and in order apart from
-// the chunk a kill may drop or repeat on a raw host stream (DESIGN.md,
-// "Commit points"; counted here, and at most one chunk per kill), and
-// every new connection works, with no handshake lost or made twice.
-#[test]
-fn chaos_worker_killed_30_times_with_a_real_guest() {
-    use std::sync::atomic::AtomicBool;
-    use vsockd_tests::chaos::{
-        host_chaos, percentile, publish_report, ChaosReport, HostChaos, Rng, SendUntil,
-    };
-    use vsockd_tests::stream::ResultLine;
+/// The traffic of the QEMU tests that repeat an event on a running
+/// backend (a worker kill, a live upgrade) while a real guest moves
+/// verified streams: 8 long connections (4 opened by the guest to a host
+/// listener, 4 by host clients through `CONNECT`, all raw host streams)
+/// carry a stream each way for the whole run, and in every round a new
+/// connection each way opens after the event before (the guest opens its
+/// next one when the host half-closes the last), carries a stream each
+/// way through the round's event, and closes; a last round follows the
+/// last event. One event in ten runs inside a VM stop and resume. Every
+/// connection is a guest `chaos` stream with [`host_chaos`] on the host
+/// side.
+///
+/// An event during either set-up of a round's connections must cost
+/// nothing: the host client gets its `OK` once (`host_chaos` counts a
+/// second one as repeated bytes), and the host service sees the guest's
+/// connect once (a connection ending before any byte would be the first
+/// of a connect made twice); [`Churn::run`] fails on either.
+struct Churn<'r> {
+    rig: &'r Rig,
+    /// Rounds with an event; a last round without one follows.
+    events: u32,
+    /// Draws each round's delay; its seed is printed, to replay a run.
+    rng: Rng,
+    long_g: Group,
+    long_h: Group,
+    churn_g: Group,
+    churn_h: Group,
+    /// The guest's side of every group, named.
+    guest_jobs: [(GuestJob, &'static str); 4],
+    long_g_listener: HostListener,
+    churn_g_listener: HostListener,
+}
 
+/// A group of a [`Churn`]'s streams: the port they connect to, and the
+/// first of the seeds the guest sends in them.
+#[derive(Debug, Clone, Copy)]
+struct Group {
+    port: u32,
+    seed: u64,
+}
+
+/// A round of [`Churn::run`], as its event sees it.
+struct Round<'a> {
+    /// From 0.
+    k: u32,
+    /// `round K`, to begin messages with.
+    what: &'a str,
+    /// The VM is stopped around this round's event.
+    paused: bool,
+}
+
+/// The connections of a [`Churn`], after [`Churn::finish`].
+struct Churned {
+    /// Host sides, paired or not.
+    host_sides: usize,
+    /// (what, the host side, the guest's `RESULT`) for every connection
+    /// paired.
+    connections: Vec<(String, HostChaos, ResultLine)>,
+    /// Host sides without a guest result.
+    problems: Vec<String>,
+    /// Errors and resets the guest saw.
+    resets: u32,
+}
+
+/// Ends every stream of a [`Churn::run`] when it leaves its scope, also
+/// when it fails there (the scope waits for their threads).
+struct StopOnDrop<'a>(&'a AtomicBool, &'a [AtomicBool]);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        for done in self.1 {
+            done.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<'r> Churn<'r> {
     /// Long connections opened from each side.
     const LONG: u64 = 4;
-    /// Every this many kills, one lands inside a VM stop and resume.
+    /// Every this many events, one runs inside a VM stop and resume.
     const PAUSE_EVERY: u32 = 10;
+    /// The guest probes run for the whole test.
+    const PROBE_TIMEOUT_SECS: u64 = 900;
+
+    /// How many events a test runs: `var` from the environment, else
+    /// `default`.
+    fn events_from_env(var: &str, default: u32) -> u32 {
+        let events = std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default);
+        assert!(
+            events < 0xff,
+            "seed ranges hold fewer than 256 short connections"
+        );
+        events
+    }
+
+    /// A rig whose backend logs at `VSOCKD_CHAOS_LOG` (default info), or
+    /// `None` when the backend is not vsockd (the test is skipped, for the
+    /// reason `skip`).
+    fn rig(name: &str, skip: &str) -> Option<Rig> {
+        let level = std::env::var("VSOCKD_CHAOS_LOG").unwrap_or_else(|_| "info".into());
+        let rig = Rig::with_log_level(name, Some(&level));
+        if rig.backend.kind() != BackendKind::Vsockd {
+            eprintln!("{}: SKIPPED: {skip}", rig.name);
+            return None;
+        }
+        Some(rig)
+    }
+
+    /// Starts `vsock-probe ARGS` in the guest, to run for the whole test.
+    fn probe(rig: &Rig, args: &str) -> GuestJob {
+        let cmd = format!("vsock-probe --timeout {} {args}", Self::PROBE_TIMEOUT_SECS);
+        rig.ok(rig.vm().spawn(&cmd), &format!("starting {cmd:?}"))
+    }
+
+    /// [`Churn::probe`] of `listen ARGS`, once it listens.
+    fn probe_listen(rig: &Rig, args: &str) -> GuestJob {
+        let job = Self::probe(rig, &format!("listen {args}"));
+        rig.ok(job.wait_for_output("LISTENING", T), "guest listener");
+        job
+    }
+
+    /// Starts the guest's side of every connection and the host
+    /// listeners. Ports `port..port + 4` serve the long connections from
+    /// the guest, those from the host, the short ones from the guest and
+    /// those from the host; the guest's streams in them start at seeds
+    /// `seed`, `seed + 0x100`, `seed + 0x200` and `seed + 0x400`.
+    fn start(rig: &'r Rig, events: u32, port: u32, seed: u64) -> Churn<'r> {
+        let rng = Rng::from_clock();
+        eprintln!("{}: random seed {}", rig.name, rng.seed());
+        let group = |i: u32, seeds: u64| Group {
+            port: port + i,
+            seed: seed + seeds,
+        };
+        let (long_g, long_h) = (group(0, 0), group(1, 0x100));
+        let (churn_g, churn_h) = (group(2, 0x200), group(3, 0x400));
+        let (long, churns) = (Self::LONG, u64::from(events) + 1);
+        let listen = |g: Group, n: u64| {
+            let args = format!("{} --count {n} --seed-step 1 chaos {}", g.port, g.seed);
+            Self::probe_listen(rig, &args)
+        };
+        let connect = |g: Group, how: String| {
+            Self::probe(rig, &format!("connect 2 {} {how} chaos {}", g.port, g.seed))
+        };
+        let long_h_job = listen(long_h, long);
+        let churn_h_job = listen(churn_h, churns);
+        let long_g_listener = rig.ok(HostListener::bind(rig.uds(), long_g.port), "bind");
+        let churn_g_listener = rig.ok(HostListener::bind(rig.uds(), churn_g.port), "bind");
+        let long_g_job = connect(long_g, format!("--parallel {long}"));
+        let churn_g_job = connect(churn_g, format!("--repeat {churns}"));
+        let guest_jobs = [
+            (long_g_job, "long connections from the guest"),
+            (long_h_job, "long connections from the host"),
+            (churn_g_job, "short connections from the guest"),
+            (churn_h_job, "short connections from the host"),
+        ];
+        Churn {
+            rig,
+            events,
+            rng,
+            long_g,
+            long_h,
+            churn_g,
+            churn_h,
+            guest_jobs,
+            long_g_listener,
+            churn_g_listener,
+        }
+    }
+
+    /// A host client's `CONNECT` to guest port `port`: the stream and the
+    /// `OK` line it read.
+    fn connect(rig: &Rig, port: u32, what: &str) -> (UnixStream, String) {
+        let (s, local) = rig.ok(hybrid_connect_timeout(rig.uds(), port, T), what);
+        s.set_read_timeout(Some(T)).unwrap();
+        s.set_write_timeout(Some(T)).unwrap();
+        (s, format!("OK {local}\n"))
+    }
+
+    /// Short connections each way: one a round.
+    fn churns(&self) -> u64 {
+        u64::from(self.events) + 1
+    }
+
+    /// Short connections, from both sides.
+    fn short_connections(&self) -> u32 {
+        2 * self.churns() as u32
+    }
+
+    /// Runs every round: once the round's new connections have started,
+    /// a wait of `delay_ms(rng)`, then (in all but the last round)
+    /// `event`, within a VM stop and resume when the round says so. Then
+    /// the long streams end. Returns the host side of every connection,
+    /// named.
+    fn run(
+        &mut self,
+        mut delay_ms: impl FnMut(&mut Rng) -> u64,
+        mut event: impl FnMut(Round<'_>),
+    ) -> Vec<(String, HostChaos)> {
+        let rig = self.rig;
+        let (long, churns) = (Self::LONG, self.churns());
+        let (long_g, long_h, churn_g, churn_h) =
+            (self.long_g, self.long_h, self.churn_g, self.churn_h);
+        let (long_g_listener, churn_g_listener) = (&self.long_g_listener, &self.churn_g_listener);
+        let stop = AtomicBool::new(false);
+        let round_done: Vec<AtomicBool> = (0..churns).map(|_| AtomicBool::new(false)).collect();
+        // (what, the host side of a connection) for every connection.
+        let mut host_sides: Vec<(String, HostChaos)> = Vec::new();
+        thread::scope(|sc| {
+            let _stop_on_drop = StopOnDrop(&stop, &round_done);
+            let stop = &stop;
+            let mut long_threads = Vec::new();
+            for i in 0..long {
+                let s = rig.accept(long_g_listener, &format!("long guest connection {i}"));
+                long_threads.push(
+                    sc.spawn(move || {
+                        host_chaos(&s, long_g.seed, long, None, SendUntil::Flag(stop))
+                    }),
+                );
+            }
+            for _ in 0..long {
+                let (s, line) = Self::connect(rig, long_h.port, "long host connection");
+                long_threads.push(sc.spawn(move || {
+                    host_chaos(&s, long_h.seed, long, Some(&line), SendUntil::Flag(stop))
+                }));
+            }
+
+            for k in 0..=self.events {
+                let what = format!("round {k}");
+                // This round's new connections send until its event is
+                // over.
+                let done = &round_done[k as usize];
+                let from_host = sc.spawn(|| {
+                    let (s, line) = Self::connect(rig, churn_h.port, "short host CONNECT");
+                    let until = SendUntil::Flag(done);
+                    match host_chaos(&s, churn_h.seed, churns, Some(&line), until) {
+                        Ok(Some(c)) => c,
+                        Ok(None) => rig.fail("a short host connection ended before any byte"),
+                        Err(e) => rig.fail(format!("short host connection: {e}")),
+                    }
+                });
+                let from_guest = sc.spawn(|| {
+                    let s = rig.accept(churn_g_listener, "short guest connection");
+                    let until = SendUntil::Flag(done);
+                    match host_chaos(&s, churn_g.seed, churns, None, until) {
+                        Ok(Some(c)) => c,
+                        Ok(None) => rig.fail(
+                            "a short guest connection ended before any byte: its connect \
+                             reached the host service twice",
+                        ),
+                        Err(e) => rig.fail(format!("short guest connection: {e}")),
+                    }
+                });
+                thread::sleep(Duration::from_millis(delay_ms(&mut self.rng)));
+                if k < self.events {
+                    let paused = k % Self::PAUSE_EVERY == Self::PAUSE_EVERY - 1;
+                    if paused {
+                        rig.ok(rig.vm().stop(), &format!("{what}: QEMU stop"));
+                        thread::sleep(Duration::from_millis(self.rng.below(50)));
+                    }
+                    event(Round {
+                        k,
+                        what: &what,
+                        paused,
+                    });
+                    if paused {
+                        rig.ok(rig.vm().cont(), &format!("{what}: QEMU cont"));
+                    }
+                }
+                done.store(true, Ordering::Relaxed);
+                for (dir, t) in [("host", from_host), ("guest", from_guest)] {
+                    let c = t.join().expect("short connection thread");
+                    host_sides.push((format!("{what}: short connection from the {dir}"), c));
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            for (i, t) in long_threads.into_iter().enumerate() {
+                let side = if (i as u64) < long { "guest" } else { "host" };
+                let what = format!("long connection {i} from the {side}");
+                match rig.ok(t.join().expect("long connection thread"), &what) {
+                    Some(c) => host_sides.push((what, c)),
+                    None => rig.fail(format!("long connection {i} ended before any byte")),
+                }
+            }
+        });
+        host_sides
+    }
+
+    /// Waits for the guest's side of every connection, and for the
+    /// `extra` probes: each must exit 0 with every result free of error
+    /// and reset (else `on_error` hears the count so far, and the test
+    /// fails). Then pairs every host side with its guest result.
+    fn finish(
+        self,
+        host_sides: Vec<(String, HostChaos)>,
+        extra: &[(&GuestJob, &str)],
+        on_error: impl FnOnce(u32),
+    ) -> Churned {
+        let rig = self.rig;
+        let mut guest_sides: Vec<ResultLine> = Vec::new();
+        let mut resets = 0u32;
+        let ours = self.guest_jobs.iter().map(|(job, what)| (job, *what));
+        for (job, what) in ours.chain(extra.iter().copied()) {
+            let out = rig.ok(job.wait(T), what);
+            let results = parse_results(&out.output);
+            for r in &results {
+                if r.kind != "RESULT" || r.get("errno") != Some("-") {
+                    resets += 1;
+                }
+            }
+            if out.status != 0 || resets > 0 {
+                on_error(resets);
+                rig.fail(format!(
+                    "{what}: the guest saw an error (exit {}):\n{}",
+                    out.status, out.output
+                ));
+            }
+            guest_sides.extend(results.into_iter().filter(|r| r.get("seed").is_some()));
+        }
+        let expected = 2 * (Self::LONG + self.churns()) as usize;
+        if guest_sides.len() != expected || host_sides.len() != expected {
+            rig.fail(format!(
+                "{} guest results and {} host sides for {expected} connections",
+                guest_sides.len(),
+                host_sides.len()
+            ));
+        }
+        let mut connections = Vec::new();
+        let mut problems = Vec::new();
+        let count = host_sides.len();
+        for (what, host) in host_sides {
+            match guest_sides
+                .iter()
+                .find(|g| g.num("seed") == Some(host.seed as i64))
+            {
+                Some(g) => connections.push((what, host, g.clone())),
+                None => problems.push(format!(
+                    "{what}: no guest result for stream {:#x}",
+                    host.seed
+                )),
+            }
+        }
+        Churned {
+            host_sides: count,
+            connections,
+            problems,
+            resets,
+        }
+    }
+}
+
+// 11. Chaos with a real guest: the worker is SIGKILLed at random instants
+// (30 times, or `VSOCKD_QEMU_CHAOS_KILLS`) during a `Churn`'s traffic,
+// one kill in ten inside a VM stop and resume. Passes when QEMU logs no
+// vhost error, the guest sees no reset, every stream arrives complete and
+// in order apart from the chunk a kill may drop or repeat on a raw host
+// stream (DESIGN.md, "Commit points"; counted here, and at most one chunk
+// per kill), and every new connection works, with no handshake lost or
+// made twice.
+#[test]
+fn chaos_worker_killed_30_times_with_a_real_guest() {
+    use vsockd_tests::chaos::{percentile, publish_report, ChaosReport};
+
     /// Longest random wait between starting a round's short connections
     /// and its kill.
     const KILL_DELAY_MAX_MS: u64 = 250;
@@ -724,60 +1067,18 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
     /// within its credit (vsockd's default buf_alloc) toward the host.
     const CHUNK_TO_GUEST_BYTES: u64 = 64 * 1024;
     const CHUNK_TO_HOST_BYTES: u64 = MIB;
-    /// The guest probes run for the whole test.
-    const CHAOS_PROBE_TIMEOUT_SECS: u64 = 900;
-    // Ports and the first seed of each group of streams the guest sends.
-    const LONG_G_PORT: u32 = 7101;
-    const LONG_G_SEED: u64 = 0x7000;
-    const LONG_H_PORT: u32 = 7102;
-    const LONG_H_SEED: u64 = 0x7100;
-    const CHURN_G_PORT: u32 = 7103;
-    const CHURN_G_SEED: u64 = 0x7200;
-    const CHURN_H_PORT: u32 = 7104;
-    const CHURN_H_SEED: u64 = 0x7400;
+    /// The churn's first port and seed (see `Churn::start`).
+    const PORT: u32 = 7101;
+    const SEED: u64 = 0x7000;
     const PING_PORT: u32 = 7105;
 
-    let kills: u32 = std::env::var("VSOCKD_QEMU_CHAOS_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
-    assert!(
-        kills < 0xff,
-        "seed ranges hold fewer than 256 short connections"
-    );
-    let level = std::env::var("VSOCKD_CHAOS_LOG").unwrap_or_else(|_| "info".into());
-    let rig = Rig::with_log_level("qemu-chaos", Some(&level));
-    if rig.backend.kind() != BackendKind::Vsockd {
-        eprintln!("{}: SKIPPED: only vsockd has a keeper", rig.name);
+    let kills = Churn::events_from_env("VSOCKD_QEMU_CHAOS_KILLS", 30);
+    let Some(rig) = Churn::rig("qemu-chaos", "only vsockd has a keeper") else {
         return;
-    }
-    let mut rng = Rng::from_clock();
-    eprintln!("{}: random seed {}", rig.name, rng.seed());
-    let guest = |args: String| -> GuestJob {
-        let cmd = format!("vsock-probe --timeout {CHAOS_PROBE_TIMEOUT_SECS} {args}");
-        rig.ok(rig.vm().spawn(&cmd), &format!("starting {cmd:?}"))
     };
-    let listening = |job: GuestJob| -> GuestJob {
-        rig.ok(job.wait_for_output("LISTENING", T), "guest listener");
-        job
-    };
-    let ping_job = listening(guest(format!("listen {PING_PORT} echo")));
-    let long_h_job = listening(guest(format!(
-        "listen {LONG_H_PORT} --count {LONG} --seed-step 1 chaos {LONG_H_SEED}"
-    )));
-    // One short connection each way per kill, and one after the last.
-    let churns = u64::from(kills) + 1;
-    let churn_h_job = listening(guest(format!(
-        "listen {CHURN_H_PORT} --count {churns} --seed-step 1 chaos {CHURN_H_SEED}"
-    )));
-    let long_g_listener = rig.ok(HostListener::bind(rig.uds(), LONG_G_PORT), "bind");
-    let churn_g_listener = rig.ok(HostListener::bind(rig.uds(), CHURN_G_PORT), "bind");
-    let long_g_job = guest(format!(
-        "connect 2 {LONG_G_PORT} --parallel {LONG} chaos {LONG_G_SEED}"
-    ));
-    let churn_g_job = guest(format!(
-        "connect 2 {CHURN_G_PORT} --repeat {churns} chaos {CHURN_G_SEED}"
-    ));
+    let rig = &rig;
+    let mut churn = Churn::start(rig, kills, PORT, SEED);
+    let ping_job = Churn::probe_listen(rig, &format!("{PING_PORT} echo"));
     let ping = rig.connect(PING_PORT);
     // Sends `byte` and reads its echo. The echo of the ping before may
     // come again first: its write to the host is the chunk a kill before
@@ -797,179 +1098,46 @@ fn chaos_worker_killed_30_times_with_a_real_guest() {
     };
     let mut ping_repeated = 0u64;
     let mut ping_rtt = Vec::new();
-
-    let stop = AtomicBool::new(false);
-    let round_done: Vec<AtomicBool> = (0..churns).map(|_| AtomicBool::new(false)).collect();
     let mut report = ChaosReport::default();
-    let rig = &rig;
-    // (what, the host side of a connection) for every connection.
-    let mut host_sides: Vec<(String, HostChaos)> = Vec::new();
-    /// Ends the long streams when the test leaves the scope below, also
-    /// when it fails there (the scope waits for their threads).
-    struct StopOnDrop<'a>(&'a AtomicBool);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
-    thread::scope(|sc| {
-        let _stop_on_drop = StopOnDrop(&stop);
-        let stop = &stop;
-        let mut long = Vec::new();
-        for i in 0..LONG {
-            let s = rig.accept(&long_g_listener, &format!("long guest connection {i}"));
-            long.push(
-                sc.spawn(move || host_chaos(&s, LONG_G_SEED, LONG, None, SendUntil::Flag(stop))),
-            );
-        }
-        for _ in 0..LONG {
-            let (s, local) = rig.ok(
-                hybrid_connect_timeout(rig.uds(), LONG_H_PORT, T),
-                "long host connection",
-            );
-            s.set_read_timeout(Some(T)).unwrap();
-            s.set_write_timeout(Some(T)).unwrap();
-            let line = format!("OK {local}\n");
-            long.push(sc.spawn(move || {
-                host_chaos(&s, LONG_H_SEED, LONG, Some(&line), SendUntil::Flag(stop))
-            }));
-        }
 
-        for k in 0..=kills {
-            let what = format!("round {k}");
-            // A new connection each way, opened after the kill before
-            // (the guest opens its next one when the host half-closes the
-            // last), and kept sending until this round's kill is over.
-            // The last round has no kill: new connections after the last.
-            let done = &round_done[k as usize];
-            // A kill during either set-up must cost nothing: the host
-            // client gets its OK, and the host service sees the guest's
-            // connect once (a connection ending before any byte would be
-            // the first of a connect made twice).
-            let from_host = sc.spawn(|| {
-                let (s, local) = rig.ok(
-                    hybrid_connect_timeout(rig.uds(), CHURN_H_PORT, T),
-                    "short host CONNECT",
-                );
-                s.set_read_timeout(Some(T)).unwrap();
-                s.set_write_timeout(Some(T)).unwrap();
-                let line = format!("OK {local}\n");
-                let until = SendUntil::Flag(done);
-                match host_chaos(&s, CHURN_H_SEED, churns, Some(&line), until) {
-                    Ok(Some(c)) => c,
-                    Ok(None) => rig.fail("a short host connection ended before any byte"),
-                    Err(e) => rig.fail(format!("short host connection: {e}")),
-                }
-            });
-            let from_guest = sc.spawn(|| {
-                let s = rig.accept(&churn_g_listener, "short guest connection");
-                let until = SendUntil::Flag(done);
-                match host_chaos(&s, CHURN_G_SEED, churns, None, until) {
-                    Ok(Some(c)) => c,
-                    Ok(None) => rig.fail(
-                        "a short guest connection ended before any byte: its connect reached \
-                         the host service twice",
-                    ),
-                    Err(e) => rig.fail(format!("short guest connection: {e}")),
-                }
-            });
-            thread::sleep(Duration::from_millis(rng.below(KILL_DELAY_MAX_MS)));
-            if k == kills {
-                done.store(true, Ordering::Relaxed);
-            } else if k % PAUSE_EVERY == PAUSE_EVERY - 1 {
-                rig.ok(rig.vm().stop(), &format!("{what}: QEMU stop"));
-                thread::sleep(Duration::from_millis(rng.below(50)));
+    let host_sides = churn.run(
+        |rng| rng.below(KILL_DELAY_MAX_MS),
+        |Round { k, what, paused }| {
+            if paused {
                 rig.ok(
                     rig.backend.kill_worker(T),
                     &format!("{what}: kill in a pause"),
                 );
-                rig.ok(rig.vm().cont(), &format!("{what}: QEMU cont"));
             } else {
                 // Kill to the first packet served, and back: one byte
                 // through the guest's echo. The same round trip just
                 // before the kill tells what of it the kill added.
                 let t0 = Instant::now();
-                ping_repeated += echo_once(&ping, 2 * k as u8, &what);
+                ping_repeated += echo_once(&ping, 2 * k as u8, what);
                 ping_rtt.push(t0.elapsed());
                 let t0 = Instant::now();
                 rig.ok(rig.backend.kill_worker(T), &format!("{what}: kill"));
-                ping_repeated += echo_once(&ping, 2 * k as u8 + 1, &what);
+                ping_repeated += echo_once(&ping, 2 * k as u8 + 1, what);
                 report.recovery.push(t0.elapsed());
             }
-            if k < kills {
-                done.store(true, Ordering::Relaxed);
-                report.kills += 1;
-            }
-            for (dir, t) in [("host", from_host), ("guest", from_guest)] {
-                let c = t.join().expect("short connection thread");
-                report.connections_churned += 1;
-                host_sides.push((format!("{what}: short connection from the {dir}"), c));
-            }
-        }
-        stop.store(true, Ordering::Relaxed);
-        for (i, t) in long.into_iter().enumerate() {
-            let side = if (i as u64) < LONG { "guest" } else { "host" };
-            let c = rig.ok(
-                t.join().expect("long connection thread"),
-                &format!("long connection {i} from the {side}"),
-            );
-            match c {
-                Some(c) => host_sides.push((format!("long connection from the {side}"), c)),
-                None => rig.fail(format!("long connection {i} ended before any byte")),
-            }
-        }
-    });
+        },
+    );
+    report.kills = kills;
+    report.connections_churned = churn.short_connections();
     rig.ok(
         ping.shutdown(Shutdown::Write),
         "closing the ping connection",
     );
-
-    // The guest's side of every connection.
-    let mut guest_sides: Vec<ResultLine> = Vec::new();
-    for (job, what) in [
-        (&long_g_job, "long connections from the guest"),
-        (&long_h_job, "long connections from the host"),
-        (&churn_g_job, "short connections from the guest"),
-        (&churn_h_job, "short connections from the host"),
-        (&ping_job, "echo"),
-    ] {
-        let out = rig.ok(job.wait(T), what);
-        let results = parse_results(&out.output);
-        for r in &results {
-            let errno = r.get("errno").unwrap_or("?");
-            if r.kind != "RESULT" || errno != "-" {
-                report.resets += 1;
-            }
-        }
-        if out.status != 0 || report.resets > 0 {
-            eprintln!("{}: {report}", rig.name);
-            rig.fail(format!(
-                "{what}: the guest saw an error (exit {}):\n{}",
-                out.status, out.output
-            ));
-        }
-        guest_sides.extend(results.into_iter().filter(|r| r.get("seed").is_some()));
-    }
-    let expected = 2 * (LONG + churns) as usize;
-    if guest_sides.len() != expected || host_sides.len() != expected {
-        rig.fail(format!(
-            "{} guest results and {} host sides for {expected} connections",
-            guest_sides.len(),
-            host_sides.len()
-        ));
-    }
+    let churned = churn.finish(host_sides, &[(&ping_job, "echo")], |resets| {
+        report.resets = resets;
+        eprintln!("{}: {report}", rig.name);
+    });
+    report.resets = churned.resets;
 
     // Each connection both ways: complete, in order, gaps bounded.
     let (mut to_guest, mut to_host) = (0u64, 0u64);
-    let mut problems = Vec::new();
-    for (what, h) in &host_sides {
-        let Some(g) = guest_sides
-            .iter()
-            .find(|g| g.num("seed") == Some(h.seed as i64))
-        else {
-            problems.push(format!("{what}: no guest result for stream {:#x}", h.seed));
-            continue;
-        };
+    let mut problems = churned.problems;
+    for (what, h, g) in &churned.connections {
         let num = |k: &str| g.num(k).unwrap_or(-1);
         // Guest to host.
         let c = &h.check;
@@ -1084,91 +1252,36 @@ fn answer_fields(text: &str) -> std::collections::BTreeMap<&str, &str> {
 }
 
 /// Live upgrades with a real guest: `vsockd upgrade` 20 times (or
-/// `VSOCKD_QEMU_UPGRADES`) at random instants, one upgrade in ten inside a
-/// VM stop and resume, while 8 long connections (4 opened by the guest to
-/// a host listener, 4 by host clients through `CONNECT`, all raw host
-/// streams) move verified streams both ways, and in every round a new
-/// connection each way opens after the upgrade before, carries a verified
-/// stream each way through the round's upgrade (half the upgrades start
-/// within 10 ms of the round's connections, to catch their set-ups), and
-/// closes; a last round after the last upgrade. Passes when every upgrade
-/// succeeds, reports its pause and hands over to the next worker
-/// generation; every stream, each way, arrives complete with no byte lost,
-/// repeated or corrupt (unlike a kill, an upgrade must cost nothing, not
-/// even one chunk of a raw host stream); neither the guest nor the host
-/// sees an error or a reset; every host client gets its `OK` once and
-/// every guest connect reaches its host service once; QEMU logs no vhost
-/// error; and `vsockd status` counts no worker restart.
+/// `VSOCKD_QEMU_UPGRADES`) at random instants during a [`Churn`]'s
+/// traffic, one upgrade in ten inside a VM stop and resume, half the
+/// upgrades within 10 ms of the round's new connections, to catch their
+/// set-ups. Passes when every upgrade succeeds, reports its pause and
+/// hands over to the next worker generation; every stream, each way,
+/// arrives complete with no byte lost, repeated or corrupt (unlike a
+/// kill, an upgrade must cost nothing, not even one chunk of a raw host
+/// stream); neither the guest nor the host sees an error or a reset; every
+/// host client gets its `OK` once and every guest connect reaches its host
+/// service once; QEMU logs no vhost error; and `vsockd status` counts no
+/// worker restart.
 #[test]
 fn upgrades_20_times_during_verified_transfers_with_a_real_guest() {
-    use std::sync::atomic::AtomicBool;
-    use vsockd_tests::chaos::{host_chaos, percentile, publish_report, HostChaos, Rng, SendUntil};
-    use vsockd_tests::stream::ResultLine;
+    use vsockd_tests::chaos::{percentile, publish_report};
 
-    /// Long connections opened from each side.
-    const LONG: u64 = 4;
-    /// Every this many upgrades, one runs inside a VM stop and resume.
-    const PAUSE_EVERY: u32 = 10;
     /// Longest random wait between starting a round's short connections
     /// and its upgrade.
     const UPGRADE_DELAY_MAX_MS: u64 = 250;
     /// The same for the half of the upgrades that come at once.
     const SETUP_DELAY_MAX_MS: u64 = 10;
-    /// The guest probes run for the whole test.
-    const UPGRADE_PROBE_TIMEOUT_SECS: u64 = 900;
-    // Ports and the first seed of each group of streams the guest sends.
-    const LONG_G_PORT: u32 = 7201;
-    const LONG_G_SEED: u64 = 0x8000;
-    const LONG_H_PORT: u32 = 7202;
-    const LONG_H_SEED: u64 = 0x8100;
-    const CHURN_G_PORT: u32 = 7203;
-    const CHURN_G_SEED: u64 = 0x8200;
-    const CHURN_H_PORT: u32 = 7204;
-    const CHURN_H_SEED: u64 = 0x8400;
+    /// The churn's first port and seed (see `Churn::start`).
+    const PORT: u32 = 7201;
+    const SEED: u64 = 0x8000;
 
-    let upgrades: u32 = std::env::var("VSOCKD_QEMU_UPGRADES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    assert!(
-        upgrades < 0xff,
-        "seed ranges hold fewer than 256 short connections"
-    );
-    let level = std::env::var("VSOCKD_CHAOS_LOG").unwrap_or_else(|_| "info".into());
-    let rig = Rig::with_log_level("qemu-upgrade", Some(&level));
-    if rig.backend.kind() != BackendKind::Vsockd {
-        eprintln!(
-            "{}: SKIPPED: only vsockd with its keeper upgrades",
-            rig.name
-        );
+    let upgrades = Churn::events_from_env("VSOCKD_QEMU_UPGRADES", 20);
+    let Some(rig) = Churn::rig("qemu-upgrade", "only vsockd with its keeper upgrades") else {
         return;
-    }
-    let mut rng = Rng::from_clock();
-    eprintln!("{}: random seed {}", rig.name, rng.seed());
-    let guest = |args: String| -> GuestJob {
-        let cmd = format!("vsock-probe --timeout {UPGRADE_PROBE_TIMEOUT_SECS} {args}");
-        rig.ok(rig.vm().spawn(&cmd), &format!("starting {cmd:?}"))
     };
-    let listening = |job: GuestJob| -> GuestJob {
-        rig.ok(job.wait_for_output("LISTENING", T), "guest listener");
-        job
-    };
-    let long_h_job = listening(guest(format!(
-        "listen {LONG_H_PORT} --count {LONG} --seed-step 1 chaos {LONG_H_SEED}"
-    )));
-    // One short connection each way per upgrade, and one after the last.
-    let churns = u64::from(upgrades) + 1;
-    let churn_h_job = listening(guest(format!(
-        "listen {CHURN_H_PORT} --count {churns} --seed-step 1 chaos {CHURN_H_SEED}"
-    )));
-    let long_g_listener = rig.ok(HostListener::bind(rig.uds(), LONG_G_PORT), "bind");
-    let churn_g_listener = rig.ok(HostListener::bind(rig.uds(), CHURN_G_PORT), "bind");
-    let long_g_job = guest(format!(
-        "connect 2 {LONG_G_PORT} --parallel {LONG} chaos {LONG_G_SEED}"
-    ));
-    let churn_g_job = guest(format!(
-        "connect 2 {CHURN_G_PORT} --repeat {churns} chaos {CHURN_G_SEED}"
-    ));
+    let rig = &rig;
+    let mut churn = Churn::start(rig, upgrades, PORT, SEED);
 
     // Runs one `vsockd upgrade`: the pause it reports. Worker generation
     // `generation` must serve after it.
@@ -1199,172 +1312,37 @@ fn upgrades_20_times_during_verified_transfers_with_a_real_guest() {
             .unwrap_or_else(|| rig.fail(format!("{what}: no pause in the answer:\n{stdout}")));
         Duration::from_secs_f64(pause / 1e3)
     };
-
-    let stop = AtomicBool::new(false);
-    let round_done: Vec<AtomicBool> = (0..churns).map(|_| AtomicBool::new(false)).collect();
     let mut pauses = Vec::new();
-    let rig = &rig;
-    // (what, the host side of a connection) for every connection.
-    let mut host_sides: Vec<(String, HostChaos)> = Vec::new();
-    /// Ends every stream when the test leaves the scope below, also when
-    /// it fails there (the scope waits for their threads).
-    struct StopOnDrop<'a>(&'a AtomicBool, &'a [AtomicBool]);
-    impl Drop for StopOnDrop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-            for done in self.1 {
-                done.store(true, Ordering::Relaxed);
-            }
-        }
-    }
-    thread::scope(|sc| {
-        let _stop_on_drop = StopOnDrop(&stop, &round_done);
-        let stop = &stop;
-        let mut long = Vec::new();
-        for i in 0..LONG {
-            let s = rig.accept(&long_g_listener, &format!("long guest connection {i}"));
-            long.push(
-                sc.spawn(move || host_chaos(&s, LONG_G_SEED, LONG, None, SendUntil::Flag(stop))),
-            );
-        }
-        for _ in 0..LONG {
-            let (s, local) = rig.ok(
-                hybrid_connect_timeout(rig.uds(), LONG_H_PORT, T),
-                "long host connection",
-            );
-            s.set_read_timeout(Some(T)).unwrap();
-            s.set_write_timeout(Some(T)).unwrap();
-            let line = format!("OK {local}\n");
-            long.push(sc.spawn(move || {
-                host_chaos(&s, LONG_H_SEED, LONG, Some(&line), SendUntil::Flag(stop))
-            }));
-        }
 
-        for k in 0..=upgrades {
-            let what = format!("round {k}");
-            // A new connection each way, opened after the upgrade before
-            // (the guest opens its next one when the host half-closes the
-            // last), and kept sending until this round's upgrade is over.
-            // The last round has no upgrade.
-            let done = &round_done[k as usize];
-            // An upgrade during either set-up must cost nothing: the host
-            // client gets its OK once (host_chaos counts a second one as
-            // repeated bytes), and the host service sees the guest's
-            // connect once (a connection ending before any byte would be
-            // the first of a connect made twice).
-            let from_host = sc.spawn(|| {
-                let (s, local) = rig.ok(
-                    hybrid_connect_timeout(rig.uds(), CHURN_H_PORT, T),
-                    "short host CONNECT",
-                );
-                s.set_read_timeout(Some(T)).unwrap();
-                s.set_write_timeout(Some(T)).unwrap();
-                let line = format!("OK {local}\n");
-                let until = SendUntil::Flag(done);
-                match host_chaos(&s, CHURN_H_SEED, churns, Some(&line), until) {
-                    Ok(Some(c)) => c,
-                    Ok(None) => rig.fail("a short host connection ended before any byte"),
-                    Err(e) => rig.fail(format!("short host connection: {e}")),
-                }
-            });
-            let from_guest = sc.spawn(|| {
-                let s = rig.accept(&churn_g_listener, "short guest connection");
-                let until = SendUntil::Flag(done);
-                match host_chaos(&s, CHURN_G_SEED, churns, None, until) {
-                    Ok(Some(c)) => c,
-                    Ok(None) => rig.fail(
-                        "a short guest connection ended before any byte: its connect reached \
-                         the host service twice",
-                    ),
-                    Err(e) => rig.fail(format!("short guest connection: {e}")),
-                }
-            });
-            // Half the upgrades come at once, to catch the round's
-            // connections in their set-up.
+    let host_sides = churn.run(
+        // Half the upgrades come at once, to catch the round's
+        // connections in their set-up.
+        |rng| {
             let delay_max = if rng.below(2) == 0 {
                 SETUP_DELAY_MAX_MS
             } else {
                 UPGRADE_DELAY_MAX_MS
             };
-            thread::sleep(Duration::from_millis(rng.below(delay_max)));
-            if k < upgrades {
-                // The first worker is generation 1; each upgrade's
-                // standby takes the next.
-                let generation = k + 2;
-                if k % PAUSE_EVERY == PAUSE_EVERY - 1 {
-                    rig.ok(rig.vm().stop(), &format!("{what}: QEMU stop"));
-                    thread::sleep(Duration::from_millis(rng.below(50)));
-                    pauses.push(upgrade(generation, &format!("{what}: upgrade in a pause")));
-                    rig.ok(rig.vm().cont(), &format!("{what}: QEMU cont"));
-                } else {
-                    pauses.push(upgrade(generation, &what));
-                }
+            rng.below(delay_max)
+        },
+        |Round { k, what, paused }| {
+            // The first worker is generation 1; each upgrade's standby
+            // takes the next.
+            let generation = k + 2;
+            if paused {
+                pauses.push(upgrade(generation, &format!("{what}: upgrade in a pause")));
+            } else {
+                pauses.push(upgrade(generation, what));
             }
-            done.store(true, Ordering::Relaxed);
-            for (dir, t) in [("host", from_host), ("guest", from_guest)] {
-                let c = t.join().expect("short connection thread");
-                host_sides.push((format!("{what}: short connection from the {dir}"), c));
-            }
-        }
-        stop.store(true, Ordering::Relaxed);
-        for (i, t) in long.into_iter().enumerate() {
-            let side = if (i as u64) < LONG { "guest" } else { "host" };
-            let c = rig.ok(
-                t.join().expect("long connection thread"),
-                &format!("long connection {i} from the {side}"),
-            );
-            match c {
-                Some(c) => host_sides.push((format!("long connection {i} from the {side}"), c)),
-                None => rig.fail(format!("long connection {i} ended before any byte")),
-            }
-        }
-    });
-
-    // The guest's side of every connection: no error, no reset.
-    let mut guest_sides: Vec<ResultLine> = Vec::new();
-    let mut resets = 0u32;
-    for (job, what) in [
-        (&long_g_job, "long connections from the guest"),
-        (&long_h_job, "long connections from the host"),
-        (&churn_g_job, "short connections from the guest"),
-        (&churn_h_job, "short connections from the host"),
-    ] {
-        let out = rig.ok(job.wait(T), what);
-        let results = parse_results(&out.output);
-        for r in &results {
-            if r.kind != "RESULT" || r.get("errno") != Some("-") {
-                resets += 1;
-            }
-        }
-        if out.status != 0 || resets > 0 {
-            rig.fail(format!(
-                "{what}: the guest saw an error (exit {}):\n{}",
-                out.status, out.output
-            ));
-        }
-        guest_sides.extend(results.into_iter().filter(|r| r.get("seed").is_some()));
-    }
-    let expected = 2 * (LONG + churns) as usize;
-    if guest_sides.len() != expected || host_sides.len() != expected {
-        rig.fail(format!(
-            "{} guest results and {} host sides for {expected} connections",
-            guest_sides.len(),
-            host_sides.len()
-        ));
-    }
+        },
+    );
+    let churned = churn.finish(host_sides, &[], |_| {});
 
     // Each connection both ways: complete, in order, not a byte lost or
     // repeated.
     let (mut verified, mut lost, mut repeated) = (0u64, 0u64, 0u64);
-    let mut problems = Vec::new();
-    for (what, h) in &host_sides {
-        let Some(g) = guest_sides
-            .iter()
-            .find(|g| g.num("seed") == Some(h.seed as i64))
-        else {
-            problems.push(format!("{what}: no guest result for stream {:#x}", h.seed));
-            continue;
-        };
+    let mut problems = churned.problems;
+    for (what, h, g) in &churned.connections {
         let num = |k: &str| g.num(k).unwrap_or(-1);
         // Guest to host.
         let c = &h.check;
@@ -1410,10 +1388,11 @@ fn upgrades_20_times_during_verified_transfers_with_a_real_guest() {
         "upgrade, QEMU guest",
         &format!(
             "upgrades {} | bytes verified {verified} on {} connections | bytes lost {lost} | \
-             bytes repeated {repeated} | resets seen by the guest {resets} | pause (quiesce \
+             bytes repeated {repeated} | resets seen by the guest {} | pause (quiesce \
              to ready) p50 {:.1} ms, max {:.1} ms",
             pauses.len(),
-            host_sides.len(),
+            churned.host_sides,
+            churned.resets,
             percentile(&pauses, 0.5).as_secs_f64() * 1e3,
             pauses.last().copied().unwrap_or_default().as_secs_f64() * 1e3
         ),
