@@ -63,6 +63,12 @@ impl BackendKind {
         self == BackendKind::Vsockd
     }
 
+    /// Whether `vsockd upgrade` can replace the running worker: only a
+    /// keeper can start the next one.
+    pub fn has_live_upgrade(self) -> bool {
+        self == BackendKind::Vsockd
+    }
+
     /// The binary: `$VSOCKD_BIN` or `<target>/release/vsockd`;
     /// `$VSOCKD_PEER_BIN` or vhost-device-vsock on PATH or in
     /// /work/peer/bin.

@@ -18,20 +18,18 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::chaos::Rng;
 use crate::recovery::{wait_for_service, Recovery};
 use crate::vmm::VirtualVm;
 use crate::{Backend, BackendKind};
 
-use super::movers::Movers;
-use super::probe::{ProbeSet, Tally};
-use super::workload::{open_pairs, percentile, Direction};
+use super::fleet::Fleet;
+use super::probe::Tally;
+use super::workload::percentile;
 use super::{Row, Settings};
 
-/// Connections of the set that keep data moving (half opened each way).
-pub const MOVING_CONNS: usize = 4;
 /// Longest pause before a kill, so kills land at random points of the
 /// moving streams.
 const KILL_JITTER_MAX_US: u64 = 10_000;
@@ -138,8 +136,7 @@ impl std::fmt::Display for CrashRound {
 /// A backend, its virtual VM and the connections under test. Fields drop
 /// in order: the movers' threads first, the backend last.
 struct Session {
-    movers: Movers,
-    idle: ProbeSet,
+    fleet: Fleet,
     vm: VirtualVm,
     backend: Backend,
 }
@@ -160,40 +157,16 @@ impl Session {
         let vm = VirtualVm::start(backend.socket(), super::vm_options(s))
             .map_err(|e| backend.attach(crate::Error::new(e.to_string())))
             .map_err(harness("virtual VM start"))?;
-        let open = |port: u32, n: usize, dir: Direction| {
-            open_pairs(&vm, backend.uds(), port, n, dir).map_err(|source| CrashError::Io {
-                what: format!("{}: opening {n} connections {dir:?}", kind.name()),
-                source,
-            })
-        };
-        let idle_conns = s.crash_conns - MOVING_CONNS;
-        let from_guest = idle_conns / 2;
-        let mut idle = open(PORT_BASE, from_guest, Direction::GuestToHost)?;
-        idle.extend(open(
-            PORT_BASE + 1,
-            idle_conns - from_guest,
-            Direction::HostToGuest,
-        )?);
-        let mut moving = open(PORT_BASE + 2, MOVING_CONNS / 2, Direction::GuestToHost)?;
-        moving.extend(open(
-            PORT_BASE + 3,
-            MOVING_CONNS - MOVING_CONNS / 2,
-            Direction::HostToGuest,
-        )?);
-        let movers = Movers::start(moving, SEED_BASE + s.crash_conns as u64).map_err(|source| {
-            CrashError::Io {
-                what: format!("{}: starting the moving streams", kind.name()),
-                source,
-            }
-        })?;
-        let mut session = Session {
-            movers,
-            idle: ProbeSet::new(idle, SEED_BASE),
-            vm,
-            backend,
-        };
-        let mark = session.movers.mark();
-        let tally = session.check(&mark);
+        let fleet =
+            Fleet::open(&vm, backend.uds(), s.crash_conns, PORT_BASE, SEED_BASE).map_err(|e| {
+                CrashError::Io {
+                    what: format!("{}: {}", kind.name(), e.what),
+                    source: e.source,
+                }
+            })?;
+        let mut session = Session { fleet, vm, backend };
+        let mark = session.fleet.movers.mark();
+        let tally = session.fleet.check(&mark, CHECK_BOUND);
         if tally.kept != s.crash_conns {
             return Err(CrashError::NotReady {
                 tally,
@@ -201,19 +174,6 @@ impl Session {
             });
         }
         Ok(session)
-    }
-
-    /// Every connection's condition: the idle ones are probed, the moving
-    /// ones must carry bytes written after `mark`.
-    fn check(&mut self, mark: &super::movers::Mark) -> Tally {
-        let deadline = Instant::now() + CHECK_BOUND;
-        let mut t = self.idle.probe(deadline);
-        let m = self.movers.check(mark, deadline);
-        t.kept += m.kept;
-        t.reset += m.reset;
-        t.silent += m.silent;
-        t.altered += m.altered;
-        t
     }
 
     /// SIGKILLs the worker (with a keeper) or the backend process, and
@@ -229,20 +189,16 @@ impl Session {
             what: format!("{}: kill #{k}", kind.name()),
             source,
         })?;
-        let mark = self.movers.mark();
+        let mark = self.fleet.movers.mark();
         let recovery = wait_for_service(&self.vm, killed.at, RECOVERY_BOUND);
-        Ok((recovery, self.check(&mark)))
+        Ok((recovery, self.fleet.check(&mark, CHECK_BOUND)))
     }
 
     /// Stops the moving streams and ends the session; returns the bytes
     /// they found lost or repeated.
     fn close(self) -> u64 {
-        let Session {
-            movers,
-            idle,
-            vm,
-            backend,
-        } = self;
+        let Session { fleet, vm, backend } = self;
+        let Fleet { movers, idle } = fleet;
         let gaps = movers.stop();
         drop((idle, vm, backend));
         gaps

@@ -6,14 +6,20 @@
 //!
 //! Every backend measurement starts a fresh backend process (logging at
 //! warn, so that logging is not what is measured) and a fresh virtual VM;
-//! the crash workload (`crash`) starts its own.
+//! the crash workload (`crash`) and the upgrade workload (`upgrade`, vsockd
+//! only) start their own.
 
 pub mod ceiling;
 pub mod crash;
+pub mod fleet;
+pub mod gaps;
 pub mod movers;
+pub mod noise;
+pub mod phases;
 pub mod probe;
 pub mod procstat;
 pub mod report;
+pub mod upgrade;
 pub mod workload;
 
 use std::path::Path;
@@ -24,6 +30,7 @@ use crate::vmm::{VirtualVm, VmOptions};
 use crate::{Backend, BackendKind};
 
 pub use report::Report;
+use upgrade::{Source, Stat};
 use workload::Direction;
 
 /// Guest CID of the virtual VM.
@@ -59,6 +66,10 @@ pub struct Settings {
     pub crash_conns: usize,
     /// Kills per backend and round in the crash workload.
     pub kills: usize,
+    /// Connections open through the upgrades of the upgrade workload.
+    pub upgrade_conns: usize,
+    /// Upgrades per round in the upgrade workload (vsockd only).
+    pub upgrades: usize,
     /// Which workloads run (all by default).
     pub workloads: Vec<Workload>,
 }
@@ -75,10 +86,12 @@ pub enum Workload {
     Idle,
     /// SIGKILLs with many connections open: recovery and connections kept.
     Crash,
+    /// Live upgrades with many connections open: the pause (vsockd only).
+    Upgrade,
 }
 
 impl Workload {
-    pub const NAMES: &'static str = "throughput, g2h, h2g, latency, setup, idle, crash";
+    pub const NAMES: &'static str = "throughput, g2h, h2g, latency, setup, idle, crash, upgrade";
 
     pub fn parse(s: &str) -> Option<Workload> {
         Some(match s {
@@ -89,6 +102,7 @@ impl Workload {
             "setup" => Workload::Setup,
             "idle" => Workload::Idle,
             "crash" => Workload::Crash,
+            "upgrade" => Workload::Upgrade,
             _ => return None,
         })
     }
@@ -100,6 +114,7 @@ impl Workload {
             Workload::Setup,
             Workload::Idle,
             Workload::Crash,
+            Workload::Upgrade,
         ]
     }
 }
@@ -110,9 +125,11 @@ impl Settings {
     }
 
     /// Whether any workload runs on the backend started for the round
-    /// (all but the crash workload, which starts its own).
+    /// (all but the crash and upgrade workloads, which start their own).
     fn runs_steady(&self) -> bool {
-        self.workloads.iter().any(|w| *w != Workload::Crash)
+        self.workloads
+            .iter()
+            .any(|w| !matches!(w, Workload::Crash | Workload::Upgrade))
     }
 
     fn runs_direction(&self, d: Direction) -> bool {
@@ -139,6 +156,8 @@ impl Default for Settings {
             idle_conns: 1000,
             crash_conns: 1000,
             kills: 20,
+            upgrade_conns: 1000,
+            upgrades: 50,
             workloads: Workload::all(),
         }
     }
@@ -166,6 +185,15 @@ pub enum Row {
     ConnsKept,
     /// Connections reset by a kill, the most of a round.
     ConnsReset,
+    /// An upgrade's pause over a round's upgrades, ms (infinite: the
+    /// device never served again).
+    UpgradePause(Source, Stat),
+    /// Connections still working after an upgrade, the fewest of a round.
+    UpgradeConnsKept,
+    /// Moving streams that delivered every byte exactly once, in order.
+    UpgradeStreamsExact,
+    /// Upgrades `vsockd upgrade` reported as failed, of a round's.
+    UpgradesFailed,
 }
 
 impl Row {
@@ -188,6 +216,15 @@ impl Row {
             Row::RecoveryP99,
             Row::ConnsKept,
             Row::ConnsReset,
+            Row::UpgradePause(Source::Outside, Stat::P50),
+            Row::UpgradePause(Source::Outside, Stat::P99),
+            Row::UpgradePause(Source::Outside, Stat::Max),
+            Row::UpgradePause(Source::Reported, Stat::P50),
+            Row::UpgradePause(Source::Reported, Stat::P99),
+            Row::UpgradePause(Source::Reported, Stat::Max),
+            Row::UpgradeConnsKept,
+            Row::UpgradeStreamsExact,
+            Row::UpgradesFailed,
         ]
     }
 
@@ -220,21 +257,52 @@ impl Row {
             }
             Row::ConnsKept => format!("connections kept per kill (of {})", s.crash_conns),
             Row::ConnsReset => format!("connections reset per kill (of {})", s.crash_conns),
+            Row::UpgradePause(Source::Outside, stat) => format!(
+                "upgrade pause, {} conns, {} (ms)",
+                s.upgrade_conns,
+                stat.label()
+            ),
+            Row::UpgradePause(Source::Reported, stat) => {
+                format!("upgrade pause as vsockd reports it, {} (ms)", stat.label())
+            }
+            Row::UpgradeConnsKept => {
+                format!("connections kept per upgrade (of {})", s.upgrade_conns)
+            }
+            Row::UpgradeStreamsExact => format!(
+                "moving streams byte-exact after the upgrades (of {})",
+                2 * fleet::MOVING_CONNS
+            ),
+            Row::UpgradesFailed => format!("upgrades failed (of {})", s.upgrades),
         }
     }
 
     pub fn higher_is_better(&self) -> bool {
         matches!(
             self,
-            Row::Throughput(..) | Row::SetupRate(_) | Row::ConnsKept
+            Row::Throughput(..)
+                | Row::SetupRate(_)
+                | Row::ConnsKept
+                | Row::UpgradeConnsKept
+                | Row::UpgradeStreamsExact
         )
     }
 
     /// Whether backends are compared by ratio on this row. The crash rows
     /// are not: a backend without a keeper never recovers and keeps no
-    /// connection, so a ratio says nothing the values do not.
+    /// connection, so a ratio says nothing the values do not. Nor are the
+    /// upgrade rows, which only vsockd has.
     pub fn has_ratio(&self) -> bool {
-        !self.is_crash()
+        !self.is_crash() && !self.is_upgrade()
+    }
+
+    pub fn is_upgrade(&self) -> bool {
+        matches!(
+            self,
+            Row::UpgradePause(..)
+                | Row::UpgradeConnsKept
+                | Row::UpgradeStreamsExact
+                | Row::UpgradesFailed
+        )
     }
 
     pub fn is_crash(&self) -> bool {
@@ -246,7 +314,14 @@ impl Row {
 
     /// Whether the values are counts (printed without decimals).
     pub fn is_count(&self) -> bool {
-        matches!(self, Row::ConnsKept | Row::ConnsReset)
+        matches!(
+            self,
+            Row::ConnsKept
+                | Row::ConnsReset
+                | Row::UpgradeConnsKept
+                | Row::UpgradeStreamsExact
+                | Row::UpgradesFailed
+        )
     }
 
     /// The socketpair measurement bounding this row, if any.
@@ -327,6 +402,12 @@ fn measure(
     if s.runs(Workload::Crash) {
         let round =
             crash::run(kind, s, dir).map_err(|e| Error::new(format!("crash workload: {e}")))?;
+        progress(&format!("{}: {round}", kind.name()));
+        rows.extend(round.rows());
+    }
+    if s.runs(Workload::Upgrade) && kind.has_live_upgrade() {
+        let round =
+            upgrade::run(s, dir).map_err(|e| Error::new(format!("upgrade workload: {e}")))?;
         progress(&format!("{}: {round}", kind.name()));
         rows.extend(round.rows());
     }

@@ -108,11 +108,30 @@ fn timed_out(e: &io::Error) -> bool {
 #[derive(Debug, Clone)]
 pub struct Mark(Vec<u64>);
 
+/// How the moving streams ended (see [`Movers::drain`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Streams (two per connection) that delivered every byte written,
+    /// once and in order.
+    pub exact: usize,
+    /// Streams that did not: reset, altered, short of what was written
+    /// when the deadline came, or with bytes lost or repeated.
+    pub inexact: usize,
+    /// Bytes written on all the streams.
+    pub bytes: u64,
+    /// Bytes the readers found lost or repeated.
+    pub gap_bytes: u64,
+}
+
 /// The moving connections and their threads; dropping stops them.
 pub struct Movers {
     flows: Vec<Arc<Flow>>,
+    /// Tells the writers to stop.
+    stop_writing: Arc<AtomicBool>,
+    /// Tells the readers (and the writers) to stop.
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    writers: Vec<JoinHandle<()>>,
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl Movers {
@@ -120,10 +139,13 @@ impl Movers {
     /// `seed_base + i` guest to host and its reply seed host to guest.
     pub fn start(pairs: Vec<(VStream, UnixStream)>, seed_base: u64) -> io::Result<Movers> {
         let stop = Arc::new(AtomicBool::new(false));
+        let stop_writing = Arc::new(AtomicBool::new(false));
         let mut movers = Movers {
             flows: Vec::new(),
+            stop_writing: stop_writing.clone(),
             stop: stop.clone(),
-            threads: Vec::new(),
+            writers: Vec::new(),
+            readers: Vec::new(),
         };
         for (i, (guest, host)) in pairs.into_iter().enumerate() {
             guest.set_read_timeout(Some(MOVER_IO_SLICE));
@@ -138,14 +160,14 @@ impl Movers {
             ] {
                 let flow = Arc::new(Flow::default());
                 movers.flows.push(flow.clone());
-                let (e, f, s) = (ends.clone(), flow.clone(), stop.clone());
-                movers.threads.push(
+                let (e, f, s) = (ends.clone(), flow.clone(), stop_writing.clone());
+                movers.writers.push(
                     thread::Builder::new()
                         .name("bench-mover-write".into())
                         .spawn(move || write_paced(&e, from, seed, &f, &s))?,
                 );
                 let (e, s) = (ends.clone(), stop.clone());
-                movers.threads.push(
+                movers.readers.push(
                     thread::Builder::new()
                         .name("bench-mover-read".into())
                         .spawn(move || read_checked(&e, to, seed, &flow, &s))?,
@@ -203,9 +225,42 @@ impl Movers {
             .sum()
     }
 
+    /// Stops the writers, waits until `deadline` for every byte written
+    /// to arrive, then stops the readers; says which streams came through
+    /// byte-exact.
+    pub fn drain(mut self, deadline: Instant) -> Drained {
+        self.stop_writing.store(true, Ordering::SeqCst);
+        for t in self.writers.drain(..) {
+            let _ = t.join();
+        }
+        let arrived = |f: &Flow| f.received.load(Ordering::SeqCst) >= f.sent.load(Ordering::SeqCst);
+        while !self.flows.iter().all(|f| arrived(f) || f.fate().is_some())
+            && Instant::now() < deadline
+        {
+            thread::sleep(CHECK_POLL);
+        }
+        self.join();
+        let mut d = Drained::default();
+        for f in &self.flows {
+            let sent = f.sent.load(Ordering::SeqCst);
+            let gaps = f.gap_bytes.load(Ordering::SeqCst);
+            d.bytes += sent;
+            d.gap_bytes += gaps;
+            let exact =
+                f.fate().is_none() && gaps == 0 && f.received.load(Ordering::SeqCst) == sent;
+            if exact {
+                d.exact += 1;
+            } else {
+                d.inexact += 1;
+            }
+        }
+        d
+    }
+
     fn join(&mut self) {
+        self.stop_writing.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
+        for t in self.writers.drain(..).chain(self.readers.drain(..)) {
             let _ = t.join();
         }
     }

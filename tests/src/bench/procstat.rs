@@ -1,5 +1,6 @@
 //! A process's CPU time and resident memory, from /proc, alone or with
-//! its descendants (vsockd's keeper and its worker).
+//! its descendants (vsockd's keeper and its worker), and the whole
+//! machine's CPU time.
 
 use std::io;
 
@@ -16,16 +17,80 @@ pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
         })
 }
 
-/// utime + stime (fields 14 and 15 of proc(5)) from a /proc/PID/stat line.
-/// The command name (field 2) is in parentheses and may contain spaces, so
-/// fields are counted from the last `)`.
-pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+/// User plus system CPU seconds `pid` has used so far, with those of its
+/// children that it has waited for.
+pub fn cpu_seconds_with_reaped(pid: u32) -> io::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_cpu_ticks_with_reaped(&stat)
+        .map(|ticks| ticks as f64 / clock_ticks_per_second())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("/proc/{pid}/stat: cannot parse {stat:?}"),
+            )
+        })
+}
+
+/// Fields 14 on of a /proc/PID/stat line (utime, stime, cutime, cstime,
+/// ...). The command name (field 2) is in parentheses and may contain
+/// spaces, so fields are counted from the last `)`.
+fn cpu_fields(stat: &str) -> Option<impl Iterator<Item = &str>> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
     // `rest` starts at field 3 (state): utime is the 12th field of it.
-    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    Some(rest.split_whitespace().skip(11))
+}
+
+/// utime + stime (fields 14 and 15 of proc(5)) from a /proc/PID/stat line.
+pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let mut fields = cpu_fields(stat)?;
+    let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(utime + stime)
+}
+
+/// utime + stime + cutime + cstime (fields 14 to 17 of proc(5)).
+pub fn parse_cpu_ticks_with_reaped(stat: &str) -> Option<u64> {
+    let t: Vec<u64> = cpu_fields(stat)?
+        .take(4)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    (t.len() == 4).then(|| t.iter().sum())
+}
+
+/// The whole machine's CPU time so far, in seconds over all cores: busy
+/// (user, nice, system, irq, softirq) and stolen by the hypervisor.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MachineCpu {
+    pub busy: f64,
+    pub steal: f64,
+}
+
+/// The first line of /proc/stat.
+pub fn machine_cpu() -> io::Result<MachineCpu> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    parse_machine_cpu(&stat).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "/proc/stat: cannot parse its cpu line",
+        )
+    })
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal ...`, in ticks.
+pub fn parse_machine_cpu(stat: &str) -> Option<MachineCpu> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let t: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let tick = |i: usize| t.get(i).copied();
+    let busy = tick(0)? + tick(1)? + tick(2)? + tick(5)? + tick(6)?;
+    let hz = clock_ticks_per_second();
+    Some(MachineCpu {
+        busy: busy as f64 / hz,
+        steal: tick(7).unwrap_or(0) as f64 / hz,
+    })
 }
 
 fn clock_ticks_per_second() -> f64 {
@@ -140,7 +205,24 @@ mod tests {
         let line = "4242 (vhost dev (x)) S 1 4242 4242 0 -1 4194560 300 0 0 0 \
                     17 5 0 0 20 0 3 0 100 1000000 200 18446744073709551615";
         assert_eq!(parse_cpu_ticks(line), Some(22));
+        assert_eq!(parse_cpu_ticks_with_reaped(line), Some(22));
         assert_eq!(parse_cpu_ticks("4242 (x) S 1"), None);
+        assert_eq!(
+            parse_cpu_ticks_with_reaped("4242 (x) S 1 2 3 4 5 6 7 8 9 10 11 12"),
+            None
+        );
+        let reaped = "7 (vsockd) S 1 7 7 0 -1 0 0 0 0 0 10 5 30 7 20 0 1 0";
+        assert_eq!(parse_cpu_ticks_with_reaped(reaped), Some(52));
+    }
+
+    #[test]
+    fn machine_cpu_line() {
+        let stat = "cpu  100 5 20 900 4 1 2 30 0 0\ncpu0 50 2 10 450 2 0 1 15 0 0\n";
+        let hz = clock_ticks_per_second();
+        let m = parse_machine_cpu(stat).expect("cpu line");
+        assert_eq!(m.busy, 128.0 / hz);
+        assert_eq!(m.steal, 30.0 / hz);
+        assert_eq!(parse_machine_cpu("intr 1 2\n"), None);
     }
 
     #[test]

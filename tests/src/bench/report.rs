@@ -5,7 +5,8 @@
 //! (vsockd against the peer), the ratio of vsockd to `vsockd --no-keeper`
 //! when both ran (what surviving a crash costs), which way is better,
 //! the socketpair ceiling and the first backend's share of it. A value
-//! that never came (a device that never served again) prints "never".
+//! that never came (a device that never served again) prints "never"; an
+//! upgrade row of a backend that has no live upgrade prints "n/a".
 
 use std::fmt::Write as _;
 
@@ -133,10 +134,11 @@ impl Report {
         for row in self.rows() {
             let mut cells = vec![row.label(s)];
             for k in &self.kinds {
-                cells.push(fmt_row_value(
-                    row,
-                    self.median(Subject::Backend(*k), Some(row)),
-                ));
+                cells.push(if row.is_upgrade() && !k.has_live_upgrade() {
+                    "n/a".into()
+                } else {
+                    fmt_row_value(row, self.median(Subject::Backend(*k), Some(row)))
+                });
             }
             for (a, b) in &pairs {
                 cells.push(match self.ratio(row, *a, *b) {
@@ -204,8 +206,28 @@ impl Report {
                  a kill, reset the most that were reset",
                 s.kills,
                 s.crash_conns,
-                super::crash::MOVING_CONNS,
+                super::fleet::MOVING_CONNS,
                 super::crash::RECOVERY_BOUND,
+            )
+        })
+    }
+
+    /// What the upgrade rows are, for under the table, if they ran.
+    pub fn upgrade_note(&self) -> Option<String> {
+        let s = &self.settings;
+        self.rows().iter().any(Row::is_upgrade).then(|| {
+            format!(
+                "upgrade rows: {} `vsockd upgrade` calls per round with {} connections open, {} of \
+                 them moving data; the pause is the longest stretch without a used element \
+                 published that overlaps the call (from the last packet the old worker served to \
+                 the first the new one served, the used indices read every {:?}); vsockd's \
+                 figure is its keeper's, from quiesce sent to the new worker's READY; kept is the \
+                 fewest connections carrying a verified exchange after an upgrade; n/a: the \
+                 backend has no live upgrade",
+                s.upgrades,
+                s.upgrade_conns,
+                super::fleet::MOVING_CONNS,
+                super::gaps::SAMPLE_INTERVAL,
             )
         })
     }
@@ -223,6 +245,9 @@ impl Report {
         }
         for row in self.rows() {
             for k in &self.kinds {
+                if row.is_upgrade() && !k.has_live_upgrade() {
+                    continue;
+                }
                 let _ = writeln!(
                     out,
                     "{} {}: {}",
@@ -357,6 +382,28 @@ mod tests {
         assert!(r
             .raw()
             .contains("peer recovery after SIGKILL, 40 conns, p99 (ms): never"));
+    }
+
+    #[test]
+    fn upgrade_rows_are_na_without_live_upgrade() {
+        use super::super::upgrade::{Source, Stat};
+        let (v, p) = (BackendKind::Vsockd, BackendKind::Peer);
+        let mut r = Report::new(Settings::default(), vec![v, p]);
+        let p99 = Row::UpgradePause(Source::Outside, Stat::P99);
+        r.add(Subject::Backend(v), Some(p99), 7.5);
+        r.add(Subject::Backend(v), Some(Row::UpgradesFailed), 0.0);
+        let t = r.table();
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[2],
+            "| upgrade pause, 1000 conns, p99 (ms) | 7.500 | n/a | - | lower | - | - |"
+        );
+        assert_eq!(
+            lines[3],
+            "| upgrades failed (of 50) | 0 | n/a | - | lower | - | - |"
+        );
+        assert!(r.upgrade_note().is_some());
+        assert!(!r.raw().contains("peer upgrade"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! vsock-bench                       # vsockd, vsockd --no-keeper and the peer, 5 rounds
 //! vsock-bench --backends vsockd     # vsockd alone
 //! vsock-bench --workloads crash     # SIGKILLs with 1000 connections open
+//! vsock-bench --workloads upgrade --backends vsockd   # live upgrades, 1000 open
 //! ```
 //!
 //! Binaries: `$VSOCKD_BIN` (default target/release/vsockd) and
@@ -54,8 +55,17 @@ struct Args {
     /// worker, or of the whole process of a backend without a keeper.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     kills: u64,
+    /// Connections open through the upgrades of the upgrade workload
+    /// (half opened by the guest, half by the host; 4 of them keep data
+    /// moving).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(8..=20_000))]
+    upgrade_conns: u64,
+    /// `vsockd upgrade` calls per round in the upgrade workload (vsockd
+    /// only; other backends have no live upgrade).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    upgrades: u64,
     /// Workloads to run, comma-separated: throughput, g2h, h2g, latency,
-    /// setup, idle, crash (default: all).
+    /// setup, idle, crash, upgrade (default: all).
     #[arg(long, value_delimiter = ',', value_parser = parse_workload)]
     workloads: Vec<Workload>,
     /// Also print every round's values.
@@ -136,6 +146,8 @@ fn main() -> ExitCode {
         idle_conns: args.idle_conns as usize,
         crash_conns: args.crash_conns as usize,
         kills: args.kills as usize,
+        upgrade_conns: args.upgrade_conns as usize,
+        upgrades: args.upgrades as usize,
         ..Settings::default()
     };
     if !args.workloads.is_empty() {
@@ -164,6 +176,9 @@ fn main() -> ExitCode {
     }
     println!("{}.", report.ceiling_note());
     if let Some(note) = report.crash_note() {
+        println!("{note}.");
+    }
+    if let Some(note) = report.upgrade_note() {
         println!("{note}.");
     }
     if args.raw {
