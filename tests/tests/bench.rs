@@ -1,7 +1,9 @@
 //! vsock-bench end to end, small: every row is measured against vsockd
 //! and `vsockd --no-keeper` and printed with a sane value (the crash rows
 //! too: vsockd keeps every connection through its kills, the lone worker
-//! never recovers); bad flags are refused in one line.
+//! never recovers; and the upgrade rows: vsockd keeps every connection and
+//! byte through its upgrades, the lone worker has none); bad flags are
+//! refused in one line.
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -9,6 +11,9 @@ use std::process::Command;
 /// Connections and kills of the crash rows here.
 const CRASH_CONNS: &str = "40";
 const KILLS: &str = "2";
+/// Connections and upgrades of the upgrade rows here.
+const UPGRADE_CONNS: &str = "40";
+const UPGRADES: &str = "3";
 
 fn bench() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vsock-bench"))
@@ -49,6 +54,10 @@ fn every_row_is_measured_against_vsockd_with_and_without_keeper() {
             CRASH_CONNS,
             "--kills",
             KILLS,
+            "--upgrade-conns",
+            UPGRADE_CONNS,
+            "--upgrades",
+            UPGRADES,
         ])
         .output()
         .expect("run vsock-bench");
@@ -89,6 +98,15 @@ fn every_row_is_measured_against_vsockd_with_and_without_keeper() {
         "recovery after SIGKILL, 40 conns, p99 (ms)",
         "connections kept per kill (of 40)",
         "connections reset per kill (of 40)",
+        "upgrade pause, 40 conns, p50 (ms)",
+        "upgrade pause, 40 conns, p99 (ms)",
+        "upgrade pause, 40 conns, max (ms)",
+        "upgrade pause as vsockd reports it, p50 (ms)",
+        "upgrade pause as vsockd reports it, p99 (ms)",
+        "upgrade pause as vsockd reports it, max (ms)",
+        "connections kept per upgrade (of 40)",
+        "moving streams byte-exact after the upgrades (of 8)",
+        "upgrades failed (of 3)",
     ];
     let body: Vec<HashMap<&str, &str>> = lines[2..]
         .iter()
@@ -106,7 +124,19 @@ fn every_row_is_measured_against_vsockd_with_and_without_keeper() {
     );
     for r in &body {
         let label = r["row"];
-        if label.starts_with("recovery") {
+        let upgrade = label.contains("upgrade");
+        if upgrade {
+            assert_eq!(r["vsockd-no-keeper"], "n/a", "{r:?}");
+            if label.starts_with("upgrade pause") {
+                assert!(number(r, "vsockd") > 0.0, "{r:?}");
+            } else if label.starts_with("connections kept") {
+                assert_eq!(r["vsockd"], UPGRADE_CONNS, "{r:?}");
+            } else if label.starts_with("moving streams") {
+                assert_eq!(r["vsockd"], "8", "{r:?}");
+            } else {
+                assert_eq!(r["vsockd"], "0", "{r:?}");
+            }
+        } else if label.starts_with("recovery") {
             assert!(number(r, "vsockd") > 0.0, "{r:?}");
             assert_eq!(r["vsockd-no-keeper"], "never", "{r:?}");
         } else if label.starts_with("connections kept") {
@@ -127,7 +157,7 @@ fn every_row_is_measured_against_vsockd_with_and_without_keeper() {
             }
         }
         let crash = label.starts_with("recovery") || label.starts_with("connections ");
-        if crash {
+        if crash || upgrade {
             assert_eq!(r["vsockd/no-keeper"], "-", "{r:?}");
         } else if !label.starts_with("backend CPU") {
             assert!(number(r, "vsockd/no-keeper") > 0.0, "{r:?}");

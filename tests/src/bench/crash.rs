@@ -15,8 +15,7 @@
 //! its recovery is "never" and no bound is waited out. Such a backend is
 //! started afresh, with its virtual VM and connections, for each kill.
 
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ use crate::recovery::{wait_for_service, Recovery};
 use crate::vmm::VirtualVm;
 use crate::{Backend, BackendKind};
 
-use super::fleet::Fleet;
+use super::fleet::{Fleet, SessionError};
 use super::probe::Tally;
 use super::workload::percentile;
 use super::{Row, Settings};
@@ -44,19 +43,6 @@ pub const CHECK_BOUND: Duration = Duration::from_secs(10);
 const PORT_BASE: u32 = 6000;
 /// Seeds of the idle connections' streams; the moving ones follow them.
 const SEED_BASE: u64 = 1 << 32;
-
-/// What went wrong, with the cause kept.
-#[derive(Debug, thiserror::Error)]
-pub enum CrashError {
-    #[error("cannot create {}: {source}", path.display())]
-    Dir { path: PathBuf, source: io::Error },
-    #[error("{what}: {source}")]
-    Harness { what: String, source: crate::Error },
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
-    #[error("before any kill, {tally} (of {total} connections)")]
-    NotReady { tally: Tally, total: usize },
-}
 
 /// One backend's kills in one round.
 #[derive(Debug, Clone, Default)]
@@ -144,14 +130,14 @@ struct Session {
 impl Session {
     /// Starts `kind` in `dir` and opens `s.crash_conns` connections; every
     /// one must work before the first kill.
-    fn open(kind: BackendKind, s: &Settings, dir: &Path) -> Result<Session, CrashError> {
-        std::fs::create_dir_all(dir).map_err(|source| CrashError::Dir {
+    fn open(kind: BackendKind, s: &Settings, dir: &Path) -> Result<Session, SessionError> {
+        std::fs::create_dir_all(dir).map_err(|source| SessionError::Dir {
             path: dir.to_path_buf(),
             source,
         })?;
         let harness = |what: &str| {
             let what = format!("{}: {what}", kind.name());
-            move |source| CrashError::Harness { what, source }
+            move |source| SessionError::Harness { what, source }
         };
         let backend = super::start_backend(kind, dir).map_err(harness("start"))?;
         let vm = VirtualVm::start(backend.socket(), super::vm_options(s))
@@ -159,7 +145,7 @@ impl Session {
             .map_err(harness("virtual VM start"))?;
         let fleet =
             Fleet::open(&vm, backend.uds(), s.crash_conns, PORT_BASE, SEED_BASE).map_err(|e| {
-                CrashError::Io {
+                SessionError::Io {
                     what: format!("{}: {}", kind.name(), e.what),
                     source: e.source,
                 }
@@ -168,7 +154,8 @@ impl Session {
         let mark = session.fleet.movers.mark();
         let tally = session.fleet.check(&mark, CHECK_BOUND);
         if tally.kept != s.crash_conns {
-            return Err(CrashError::NotReady {
+            return Err(SessionError::NotReady {
+                before: "kill",
                 tally,
                 total: s.crash_conns,
             });
@@ -178,14 +165,14 @@ impl Session {
 
     /// SIGKILLs the worker (with a keeper) or the backend process, and
     /// measures what follows.
-    fn kill(&mut self, k: usize) -> Result<(Recovery, Tally), CrashError> {
+    fn kill(&mut self, k: usize) -> Result<(Recovery, Tally), SessionError> {
         let kind = self.backend.kind();
         let killed = if kind.has_keeper() {
             self.backend.kill_worker_now(KILL_WAIT)
         } else {
             self.backend.kill_now(KILL_WAIT)
         }
-        .map_err(|source| CrashError::Harness {
+        .map_err(|source| SessionError::Harness {
             what: format!("{}: kill #{k}", kind.name()),
             source,
         })?;
@@ -206,7 +193,7 @@ impl Session {
 }
 
 /// One round of kills against `kind`, in `dir`.
-pub fn run(kind: BackendKind, s: &Settings, dir: &Path) -> Result<CrashRound, CrashError> {
+pub fn run(kind: BackendKind, s: &Settings, dir: &Path) -> Result<CrashRound, SessionError> {
     let mut rng = Rng::from_clock();
     let mut round = CrashRound::default();
     let mut session = None;

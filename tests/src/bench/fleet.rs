@@ -3,7 +3,7 @@
 //! both ways (see `movers`), the rest idle and probed (see `probe`).
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::vmm::VirtualVm;
@@ -11,6 +11,24 @@ use crate::vmm::VirtualVm;
 use super::movers::{Mark, Movers};
 use super::probe::{ProbeSet, Tally};
 use super::workload::{open_pairs, Direction};
+
+/// What stopped a session of a disruption workload (kills, upgrades),
+/// with the cause kept.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot create {}: {source}", path.display())]
+    Dir { path: PathBuf, source: io::Error },
+    #[error("{what}: {source}")]
+    Harness { what: String, source: crate::Error },
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("before any {before}, {tally} (of {total} connections)")]
+    NotReady {
+        before: &'static str,
+        tally: Tally,
+        total: usize,
+    },
+}
 
 /// Connections of a fleet that keep data moving (half opened each way).
 pub const MOVING_CONNS: usize = 4;

@@ -33,7 +33,7 @@ use crate::chaos::Rng;
 use crate::vmm::VirtualVm;
 use crate::{Backend, BackendKind};
 
-use super::fleet::Fleet;
+use super::fleet::{Fleet, SessionError};
 use super::gaps::{self, Advances};
 use super::movers::Drained;
 use super::noise::{CpuMark, Noise};
@@ -62,19 +62,6 @@ const SHOWN_COMPLAINTS: usize = 10;
 /// vsockd's log level here: info logs each step of an upgrade (a few
 /// lines per upgrade, none per packet).
 const LOG_LEVEL: &str = "info";
-
-/// What went wrong, with the cause kept.
-#[derive(Debug, thiserror::Error)]
-pub enum UpgradeError {
-    #[error("cannot create {}: {source}", path.display())]
-    Dir { path: PathBuf, source: io::Error },
-    #[error("{what}: {source}")]
-    Harness { what: String, source: crate::Error },
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
-    #[error("before any upgrade, {tally} (of {total} connections)")]
-    NotReady { tally: Tally, total: usize },
-}
 
 /// One `vsockd upgrade` and what it did to the device.
 #[derive(Debug, Clone)]
@@ -349,15 +336,15 @@ struct Session {
 impl Session {
     /// Starts vsockd in `dir`, logging at info, and opens `s.upgrade_conns`
     /// connections; every one must work before the first upgrade.
-    fn open(s: &Settings, dir: &Path) -> Result<Session, UpgradeError> {
+    fn open(s: &Settings, dir: &Path) -> Result<Session, SessionError> {
         let kind = BackendKind::Vsockd;
-        std::fs::create_dir_all(dir).map_err(|source| UpgradeError::Dir {
+        std::fs::create_dir_all(dir).map_err(|source| SessionError::Dir {
             path: dir.to_path_buf(),
             source,
         })?;
         let harness = |what: &str| {
             let what = format!("{}: {what}", kind.name());
-            move |source| UpgradeError::Harness { what, source }
+            move |source| SessionError::Harness { what, source }
         };
         let backend = Backend::start_logging(
             kind,
@@ -372,7 +359,7 @@ impl Session {
             .map_err(|e| backend.attach(crate::Error::new(e.to_string())))
             .map_err(harness("virtual VM start"))?;
         let fleet = Fleet::open(&vm, backend.uds(), s.upgrade_conns, PORT_BASE, SEED_BASE)
-            .map_err(|e| UpgradeError::Io {
+            .map_err(|e| SessionError::Io {
                 what: format!("{}: {}", kind.name(), e.what),
                 source: e.source,
             })?;
@@ -385,7 +372,8 @@ impl Session {
         let mark = session.fleet.movers.mark();
         let tally = session.fleet.check(&mark, CHECK_BOUND);
         if tally.kept != s.upgrade_conns {
-            return Err(UpgradeError::NotReady {
+            return Err(SessionError::NotReady {
+                before: "upgrade",
                 tally,
                 total: s.upgrade_conns,
             });
@@ -395,7 +383,7 @@ impl Session {
 
     /// Samples the device through a quiet window and one `vsockd
     /// upgrade`, then checks every connection.
-    fn upgrade(&mut self, k: usize) -> Result<Upgraded, UpgradeError> {
+    fn upgrade(&mut self, k: usize) -> Result<Upgraded, SessionError> {
         let end = OnceLock::new();
         let ready = Barrier::new(2);
         let (vm, backend) = (&self.vm, &self.backend);
@@ -409,11 +397,11 @@ impl Session {
             let _ = end.set(t1);
             (sampler.join(), t0, t1, out)
         });
-        let advances: Advances = advances.map_err(|_| UpgradeError::Io {
+        let advances: Advances = advances.map_err(|_| SessionError::Io {
             what: format!("upgrade #{k}"),
             source: io::Error::other("the used-index sampler panicked"),
         })?;
-        let out = out.map_err(|source| UpgradeError::Harness {
+        let out = out.map_err(|source| SessionError::Harness {
             what: format!("upgrade #{k}"),
             source,
         })?;
@@ -467,7 +455,7 @@ impl Session {
 }
 
 /// One round of upgrades of vsockd, in `dir`.
-pub fn run(s: &Settings, dir: &Path) -> Result<UpgradeRound, UpgradeError> {
+pub fn run(s: &Settings, dir: &Path) -> Result<UpgradeRound, SessionError> {
     let mut rng = Rng::from_clock();
     let mut session = Session::open(s, &dir.join("upgrade"))?;
     let mut round = UpgradeRound {
