@@ -24,7 +24,7 @@ use crate::recovery::{wait_for_service, Recovery};
 use crate::vmm::VirtualVm;
 use crate::{Backend, BackendKind};
 
-use super::fleet::{Fleet, SessionError};
+use super::fleet::{Fleet, SessionError, CHECK_BOUND};
 use super::probe::Tally;
 use super::workload::percentile;
 use super::{Row, Settings};
@@ -36,8 +36,6 @@ const KILL_JITTER_MAX_US: u64 = 10_000;
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// Longest wait for the device to serve again: past it, "never".
 pub const RECOVERY_BOUND: Duration = Duration::from_secs(10);
-/// Longest time one check of every connection may take.
-pub const CHECK_BOUND: Duration = Duration::from_secs(10);
 /// Host ports: guest-initiated idle connections, host-initiated idle
 /// ones, then the same for moving connections.
 const PORT_BASE: u32 = 6000;
@@ -151,15 +149,7 @@ impl Session {
                 }
             })?;
         let mut session = Session { fleet, vm, backend };
-        let mark = session.fleet.movers.mark();
-        let tally = session.fleet.check(&mark, CHECK_BOUND);
-        if tally.kept != s.crash_conns {
-            return Err(SessionError::NotReady {
-                before: "kill",
-                tally,
-                total: s.crash_conns,
-            });
-        }
+        session.fleet.check_ready(s.crash_conns, "kill")?;
         Ok(session)
     }
 

@@ -30,6 +30,9 @@ pub enum SessionError {
     },
 }
 
+/// How long checking the connections may take after a disruption.
+pub const CHECK_BOUND: Duration = Duration::from_secs(10);
+
 /// Connections of a fleet that keep data moving (half opened each way).
 pub const MOVING_CONNS: usize = 4;
 
@@ -48,6 +51,20 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    /// Checks, before the first disruption (`before`: "kill",
+    /// "upgrade"), that all `total` connections work.
+    pub fn check_ready(&mut self, total: usize, before: &'static str) -> Result<(), SessionError> {
+        let mark = self.movers.mark();
+        let tally = self.check(&mark, CHECK_BOUND);
+        if tally.kept != total {
+            return Err(SessionError::NotReady {
+                before,
+                tally,
+                total,
+            });
+        }
+        Ok(())
+    }
     /// Opens `total` connections (at least `MOVING_CONNS`) through `vm`
     /// and the hybrid socket `uds`, on host or guest ports `port_base` to
     /// `port_base + 3` (guest-initiated idle, host-initiated idle, then

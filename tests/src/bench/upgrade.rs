@@ -33,7 +33,7 @@ use crate::chaos::Rng;
 use crate::vmm::VirtualVm;
 use crate::{Backend, BackendKind};
 
-use super::fleet::{Fleet, SessionError};
+use super::fleet::{Fleet, SessionError, CHECK_BOUND};
 use super::gaps::{self, Advances};
 use super::movers::Drained;
 use super::noise::{CpuMark, Noise};
@@ -49,8 +49,6 @@ const UPGRADE_JITTER_MAX_US: u64 = 10_000;
 pub const QUIET_WINDOW: Duration = Duration::from_millis(100);
 /// Longest wait, after `vsockd upgrade` returned, for the device to serve.
 pub const PAUSE_BOUND: Duration = Duration::from_secs(10);
-/// Longest time one check of every connection may take.
-const CHECK_BOUND: Duration = Duration::from_secs(10);
 /// Longest wait for the moving streams to deliver what was written.
 const DRAIN_BOUND: Duration = Duration::from_secs(10);
 /// Host ports (see `Fleet::open`): apart from the crash workload's.
@@ -369,15 +367,7 @@ impl Session {
             backend,
             clock: WallClock::now(),
         };
-        let mark = session.fleet.movers.mark();
-        let tally = session.fleet.check(&mark, CHECK_BOUND);
-        if tally.kept != s.upgrade_conns {
-            return Err(SessionError::NotReady {
-                before: "upgrade",
-                tally,
-                total: s.upgrade_conns,
-            });
-        }
+        session.fleet.check_ready(s.upgrade_conns, "upgrade")?;
         Ok(session)
     }
 

@@ -2557,6 +2557,24 @@ fn stream_flows<'s>(
     flows
 }
 
+/// Opens, exercises and drops connections one after another (see
+/// `churn_exchange`) until `stop`, counting them in `churned`.
+fn churn_until(
+    rig: &Rig,
+    stop: &std::sync::atomic::AtomicBool,
+    churned: &std::sync::atomic::AtomicU32,
+) -> Vec<FlowResult> {
+    use std::sync::atomic::Ordering;
+    let mut n = 0u32;
+    let mut checks = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        checks.extend(churn_exchange(rig, 9000 + n % 500, n % 2 == 0, n));
+        n += 1;
+        churned.store(n, Ordering::Relaxed);
+    }
+    checks
+}
+
 /// Waits for each flow's writer and reader.
 fn join_flows(flows: Vec<Flow<'_>>) -> Vec<FlowResult> {
     flows
@@ -2600,16 +2618,7 @@ fn chaos_worker_killed_500_times_during_verified_streams() {
     let rig_ref = &rig;
     let results = thread::scope(|sc| {
         let flows = stream_flows(sc, &pairs, &stop);
-        let churn = sc.spawn(|| {
-            let mut n = 0u32;
-            let mut checks = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                checks.extend(churn_exchange(rig_ref, 9000 + n % 500, n % 2 == 0, n));
-                n += 1;
-                churned.store(n, Ordering::Relaxed);
-            }
-            checks
-        });
+        let churn = sc.spawn(|| churn_until(rig_ref, &stop, &churned));
         for k in 0..kills {
             thread::sleep(Duration::from_micros(rng.below(8000)));
             if k % PAUSE_EVERY == PAUSE_EVERY - 1 {

@@ -110,16 +110,7 @@ fn upgrades_during_verified_streams_lose_and_repeat_nothing() {
     let rig_ref = &rig;
     let (flows, churn_checks) = thread::scope(|sc| {
         let flows = stream_flows(sc, &pairs, &stop);
-        let churn = sc.spawn(|| {
-            let mut n = 0u32;
-            let mut checks = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                checks.extend(churn_exchange(rig_ref, 9000 + n % 500, n % 2 == 0, n));
-                n += 1;
-                churned.store(n, Ordering::Relaxed);
-            }
-            checks
-        });
+        let churn = sc.spawn(|| churn_until(rig_ref, &stop, &churned));
         for k in 0..UPGRADES {
             thread::sleep(Duration::from_millis(rng.below(100)));
             match upgrade(rig_ref) {
