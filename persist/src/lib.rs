@@ -21,6 +21,7 @@ mod inflight;
 pub mod migrate;
 mod record;
 mod region;
+pub mod resume;
 pub mod session;
 mod shm;
 pub mod slot;

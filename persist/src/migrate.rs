@@ -14,8 +14,11 @@
 //! * 2: the first layout of a binary with `vsockd upgrade`. Version 1
 //!   predates upgrades, and a binary that wrote it has no way to hand its
 //!   region to another binary, so no build needs to read it.
-//! * 3, only in a build with feature `layout-next`: a test layout, layout
-//!   2 under the next number, so that tests can upgrade to a binary with a
+//! * 3: layout 2 with the resume table (resumable host sessions) after the
+//!   data areas. The step from 2 extends the file: the new table reads as
+//!   zeroes, no session, which is what a layout-2 worker had.
+//! * 4, only in a build with feature `layout-next`: a test layout, layout
+//!   3 under the next number, so that tests can upgrade to a binary with a
 //!   newer layout (a migration) and back (a refusal).
 //!
 //! Invariant of every layout: the header's fields up to the geometry
@@ -37,22 +40,37 @@ pub const OLDEST_LAYOUT_VERSION: u32 = 2;
 /// Bytes copied per read and write.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
 
-/// One step: migrates the copy in the memfd from version `v` to `v + 1`,
-/// in place.
-type Step = fn(&OwnedFd) -> Result<(), PersistError>;
+/// One step: migrates the copy in the memfd, laid out for the geometry,
+/// from version `v` to `v + 1`, in place.
+type Step = fn(&OwnedFd, &Geometry) -> Result<(), PersistError>;
 
 /// The step from version `version`, if this build knows one.
 fn step_from(version: u32) -> Option<Step> {
     match version {
+        2 => Some(add_resume_table),
         #[cfg(feature = "layout-next")]
-        2 => Some(same_parts),
+        3 => Some(same_parts),
         _ => None,
     }
 }
 
+/// 2 to 3: the resume table follows every part of layout 2, so the file
+/// grows to hold it, and the new bytes read as zeroes (no session).
+fn add_resume_table(copy: &OwnedFd, geometry: &Geometry) -> Result<(), PersistError> {
+    let layout = Layout::of(geometry)?;
+    let len = SharedMemory::file_len(copy)?;
+    if len > layout.resume as u64 {
+        return Err(PersistError::Migration(format!(
+            "a layout-2 region for {geometry:?} is {} bytes, this one is {len}",
+            layout.resume
+        )));
+    }
+    set_len(copy, layout.total as u64).map_err(|e| PersistError::Migration(format!("grow: {e}")))
+}
+
 /// A step between layouts whose parts are the same.
 #[cfg(feature = "layout-next")]
-fn same_parts(_copy: &OwnedFd) -> Result<(), PersistError> {
+fn same_parts(_copy: &OwnedFd, _geometry: &Geometry) -> Result<(), PersistError> {
     Ok(())
 }
 
@@ -84,7 +102,7 @@ pub fn migrate(fd: &OwnedFd, geometry: &Geometry) -> Result<OwnedFd, PersistErro
     for v in from..LAYOUT_VERSION {
         let step = step_from(v)
             .ok_or_else(|| PersistError::Migration(format!("no step from layout version {v}")))?;
-        step(&copy)?;
+        step(&copy, geometry)?;
     }
     let layout = Layout::of(geometry)?;
     let mut header = read_header(&copy)?.ok_or(PersistError::NotFormatted)?;
@@ -117,12 +135,8 @@ fn write_header(fd: &OwnedFd, header: &Header) -> io::Result<()> {
 /// Copies the first `len` bytes of `src` into `dst`, sized `len`: only the
 /// extents that hold data (SEEK_DATA and SEEK_HOLE), the holes stay holes.
 fn copy_extents(src: &OwnedFd, dst: &OwnedFd, len: u64) -> io::Result<()> {
-    let size = libc::off_t::try_from(len)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "region too large"))?;
-    // SAFETY: ftruncate(2) on a memfd we own.
-    if unsafe { libc::ftruncate(dst.as_raw_fd(), size) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_len(dst, len)?;
+    let size = len as libc::off_t;
     let mut buf = vec![0u8; COPY_CHUNK_BYTES];
     let mut at: libc::off_t = 0;
     while at < size {
@@ -163,6 +177,17 @@ fn copy_extents(src: &OwnedFd, dst: &OwnedFd, len: u64) -> io::Result<()> {
             off += n as libc::off_t;
         }
         at = end;
+    }
+    Ok(())
+}
+
+/// Sizes the file in `fd` to `len` bytes (new bytes read as zeroes).
+fn set_len(fd: &OwnedFd, len: u64) -> io::Result<()> {
+    let size = libc::off_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "region too large"))?;
+    // SAFETY: ftruncate(2) on a descriptor we hold.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -264,6 +289,64 @@ mod tests {
         assert!(hole < len as libc::off_t, "the copy has no hole");
     }
 
+    /// A layout-2 region (layout 3 without its resume table) migrates:
+    /// every part it had keeps its bytes, and the new table reads empty.
+    #[test]
+    fn layout_2_gains_an_empty_resume_table() {
+        use crate::resume::ResumeRecord;
+        use crate::slot::ConnRecord;
+        use crate::Stamp;
+        let fd = memfd();
+        let (r, _) = Region::open(fd.try_clone().unwrap(), geometry()).unwrap();
+        r.next_generation();
+        let rec = ConnRecord {
+            uid: 9,
+            rx_cnt: 1234,
+            ..Default::default()
+        };
+        r.slot(3).unwrap().write(&rec);
+        let (ptr, len) = r.data(3).unwrap();
+        // SAFETY: the data area of slot 3 is `len` bytes.
+        unsafe { std::ptr::write_bytes(ptr.add(len - 100), 0x5a, 100) };
+        // What a layout-2 worker left: the resume table was not there.
+        let v2_len = Layout::of(&geometry()).unwrap().resume as u64;
+        r.resume(1).unwrap().write(&ResumeRecord {
+            conn_uid: 77,
+            ..Default::default()
+        });
+        drop(r);
+        set_len(&fd, v2_len).unwrap();
+        set_version(&fd, 2);
+        assert_eq!(needs_migration(&fd, &geometry()).unwrap(), Some(2));
+        let copy = migrate(&fd, &geometry()).unwrap();
+        assert_eq!(
+            SharedMemory::file_len(&fd).unwrap(),
+            v2_len,
+            "original written"
+        );
+        let stamp = Stamp::read(&copy).unwrap();
+        assert_eq!((stamp.version, stamp.migrated_from), (LAYOUT_VERSION, 2));
+        let r = Region::open_existing(copy, geometry()).unwrap();
+        assert_eq!(r.generation(), 1);
+        assert_eq!(r.slot(3).unwrap().read().unwrap().body, rec);
+        let (ptr, len) = r.data(3).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { *ptr.add(len - 1) }, 0x5a);
+        for i in 0..geometry().conn_slots {
+            assert!(r.resume(i).unwrap().read().is_none(), "resume record {i}");
+        }
+    }
+
+    /// A migrated layout-2 region of another size is refused.
+    #[test]
+    fn a_layout_2_region_of_the_wrong_size_is_refused() {
+        let fd = memfd();
+        Region::open(fd.try_clone().unwrap(), geometry()).unwrap();
+        set_version(&fd, 2);
+        let e = migrate(&fd, &geometry()).unwrap_err();
+        assert!(matches!(e, PersistError::Migration(_)), "{e}");
+    }
+
     /// An older layout this build knows is copied, migrated and stamped;
     /// the original is not written.
     #[cfg(feature = "layout-next")]
@@ -275,14 +358,14 @@ mod tests {
         r.next_generation();
         r.note_host_client(crate::fdstore::well_known::FIRST_KEEPER_CONN_UID + 7);
         drop(r);
-        set_version(&fd, 2);
-        assert_eq!(needs_migration(&fd, &geometry()).unwrap(), Some(2));
+        set_version(&fd, 3);
+        assert_eq!(needs_migration(&fd, &geometry()).unwrap(), Some(3));
         let copy = migrate(&fd, &geometry()).unwrap();
-        assert_eq!(Stamp::read(&fd).unwrap().version, 2);
+        assert_eq!(Stamp::read(&fd).unwrap().version, 3);
         let stamp = Stamp::read(&copy).unwrap();
         assert_eq!(
             (stamp.version, stamp.migrated_from, stamp.generation),
-            (3, 2, 1)
+            (4, 3, 1)
         );
         let r = Region::open_existing(copy, geometry()).unwrap();
         assert_eq!(

@@ -10,6 +10,8 @@
 //!   tx_meta       one TxMeta per TX descriptor head
 //!   slots         one ConnRecord (A/B record) per connection slot
 //!   data          one buffer area per connection slot, page aligned
+//!   resume        one ResumeRecord (A/B record) per connection slot
+//!                 (since layout 3)
 //! ```
 //!
 //! The geometry (largest queue size, number of slots, bytes of each data
@@ -29,6 +31,7 @@ use vm_memory::ByteValued;
 
 use crate::inflight::{inflight_bytes, InflightLog};
 use crate::record::{record_bytes, Record};
+use crate::resume::ResumeRecord;
 use crate::session::SessionRecord;
 use crate::shm::{page_size, SharedMemory};
 use crate::slot::{ConnRecord, TxMeta};
@@ -38,12 +41,12 @@ use crate::PersistError;
 pub const MAGIC: [u8; 8] = *b"VSOCKDST";
 /// Layout version this build reads and writes (2: `last_host_client_uid`).
 #[cfg(not(feature = "layout-next"))]
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Layout version of a build with feature `layout-next`: a test layout one
 /// past the current one (see `migrate`), so that tests can upgrade to a
 /// binary with a newer layout, and back.
 #[cfg(feature = "layout-next")]
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Bytes reserved for the header.
 const HEADER_BYTES: usize = 4096;
 /// Bytes reserved for the rings part.
@@ -252,6 +255,9 @@ pub(crate) struct Layout {
     pub(crate) slots: usize,
     pub(crate) slot_stride: usize,
     data: usize,
+    /// The resume table, right after the data areas.
+    pub(crate) resume: usize,
+    resume_stride: usize,
     pub(crate) total: usize,
 }
 
@@ -277,10 +283,12 @@ impl Layout {
                     g.conn_data_bytes
                 ))
             })?;
-        let total = (g.conn_slots as usize)
+        let resume = (g.conn_slots as usize)
             .checked_mul(data_bytes)
             .and_then(|n| n.checked_add(data))
             .ok_or_else(|| PersistError::Geometry(format!("{g:?} is too large")))?;
+        let resume_stride = align(record_bytes::<ResumeRecord>());
+        let total = (resume + resume_stride * g.conn_slots as usize).next_multiple_of(page);
         Ok(Layout {
             session,
             rings,
@@ -289,6 +297,8 @@ impl Layout {
             slots,
             slot_stride,
             data,
+            resume,
+            resume_stride,
             total,
         })
     }
@@ -361,7 +371,11 @@ impl Region {
     fn format(&self) {
         // SAFETY: every part lies inside the mapping (`Layout::of` sized
         // it); nothing else uses the region while it is formatted.
-        unsafe { std::ptr::write_bytes(self.shm.as_ptr(), 0, self.layout.data) };
+        unsafe {
+            std::ptr::write_bytes(self.shm.as_ptr(), 0, self.layout.data);
+            let resume = self.layout.resume;
+            std::ptr::write_bytes(self.at(resume), 0, self.layout.total - resume);
+        }
         let header = Header {
             magic: MAGIC,
             version: LAYOUT_VERSION,
@@ -545,6 +559,16 @@ impl Region {
         Some((self.at(self.layout.data + len * i as usize), len))
     }
 
+    /// Resume record of connection slot `i`. One writer at a time.
+    pub fn resume(&self, i: u32) -> Option<Record<ResumeRecord>> {
+        if i >= self.geometry.conn_slots {
+            return None;
+        }
+        let offset = self.layout.resume + self.layout.resume_stride * i as usize;
+        // SAFETY: entry `i` exists, is 64-aligned and sized for the record.
+        Some(unsafe { Record::at(self.at(offset), self.keep()) })
+    }
+
     /// Gives back the pages of slot `i`'s data area (they read as zero).
     pub fn discard_data(&self, i: u32) {
         if i < self.geometry.conn_slots {
@@ -701,6 +725,30 @@ mod tests {
         assert!(l.inflight[1] + inflight_bytes(256) <= l.tx_meta);
         assert!(l.tx_meta + 256 * std::mem::size_of::<TxMeta>() <= l.slots);
         assert!(l.slots + 4 * l.slot_stride <= l.data);
-        assert_eq!(l.total, l.data + 4 * 64 * 1024);
+        assert_eq!(l.resume, l.data + 4 * 64 * 1024);
+        assert!(l.resume_stride >= record_bytes::<ResumeRecord>());
+        assert!(l.resume + 4 * l.resume_stride <= l.total);
+        assert_eq!(l.total % page_size(), 0);
+    }
+
+    #[test]
+    fn resume_records_are_kept_per_slot() {
+        let fd = memfd();
+        let (r, _) = Region::open(dup(&fd), geometry()).unwrap();
+        for i in 0..4 {
+            assert!(r.resume(i).unwrap().read().is_none());
+        }
+        let rec = ResumeRecord {
+            conn_uid: 5,
+            token: [7; 16],
+            ..Default::default()
+        };
+        r.resume(3).unwrap().write(&rec);
+        assert!(r.resume(4).is_none());
+        drop(r);
+        let (r, _) = Region::open(dup(&fd), geometry()).unwrap();
+        assert_eq!(r.resume(3).unwrap().read().unwrap().body, rec);
+        assert!(r.resume(2).unwrap().read().is_none());
+        assert!(r.slot(3).unwrap().read().is_none(), "slot and resume apart");
     }
 }

@@ -253,7 +253,7 @@ fn upgrade_to_a_newer_layout_migrates_and_the_way_back_is_refused() {
     rig.check_pair(&g, &h, 1, "before");
     rig.ok(install_binary(&next, &bin), "install the layout-next build");
     let answer = rig.ok(upgrade(&rig), "upgrade to the newer layout");
-    if !answer.contains("layout: 3 (migrated from 2)") {
+    if !answer.contains("layout: 4 (migrated from 3)") {
         rig.fail(format!("the upgrade did not migrate the layout: {answer}"));
     }
     rig.check_pair(&g, &h, 2, "after the migration");
@@ -270,7 +270,7 @@ fn upgrade_to_a_newer_layout_migrates_and_the_way_back_is_refused() {
         Ok(answer) => rig.fail(format!(
             "the upgrade to an older layout succeeded: {answer}"
         )),
-        Err(e) if e.contains("layout version 3") && e.contains("never stopped serving") => {}
+        Err(e) if e.contains("layout version 4") && e.contains("never stopped serving") => {}
         Err(e) => rig.fail(format!("unexpected failure: {e}")),
     }
     rig.check_pair(&g, &h, 5, "after the refused upgrade");
