@@ -14,6 +14,8 @@ use clap::{Parser, Subcommand};
 pub const DEFAULT_BUF_ALLOC_BYTES: u32 = 1024 * 1024;
 /// Default for `--max-connections`.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
+/// Default grace period of a detached resumable session, in seconds.
+pub const DEFAULT_RESUME_GRACE_SECS: u64 = 30;
 
 /// vsockd: a vhost-user virtio-vsock device backend that bridges guest
 /// AF_VSOCK connections to host Unix sockets (Firecracker's hybrid vsock).
@@ -73,6 +75,13 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_connections: u32,
+
+    /// How long a resumable host session stays open with no client
+    /// attached, in seconds (1 to 86400): the guest connection waits that
+    /// long for a RESUME before it is reset.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_RESUME_GRACE_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub resume_grace: u64,
 
     /// Control socket that `vsockd status` asks (default: "<socket-path>.ctl";
     /// with --fd, none unless this is given).

@@ -7,7 +7,7 @@
 use std::os::fd::RawFd;
 
 use log::warn;
-use vsockd_device::store::{ConnRecord, ConnStore, TxMeta};
+use vsockd_device::store::{ConnRecord, ConnStore, ResumeRecord, TxMeta};
 use vsockd_persist::fdstore::well_known::conn_stream;
 use vsockd_persist::{Channel, FdKeeper, Record, Region};
 
@@ -15,6 +15,7 @@ use vsockd_persist::{Channel, FdKeeper, Record, Region};
 pub struct RegionStore {
     region: Region,
     slots: Vec<Record<ConnRecord>>,
+    resumes: Vec<Record<ResumeRecord>>,
     keeper: Channel,
 }
 
@@ -23,9 +24,13 @@ impl RegionStore {
         let slots = (0..region.geometry().conn_slots)
             .map_while(|i| region.slot(i))
             .collect();
+        let resumes = (0..region.geometry().conn_slots)
+            .map_while(|i| region.resume(i))
+            .collect();
         RegionStore {
             region,
             slots,
+            resumes,
             keeper,
         }
     }
@@ -82,6 +87,12 @@ unsafe impl ConnStore for RegionStore {
 
     fn commit(&mut self, slot: usize, rec: &ConnRecord) {
         if let Some(r) = self.slots.get_mut(slot) {
+            r.write(rec);
+        }
+    }
+
+    fn commit_resume(&mut self, slot: usize, rec: &ResumeRecord) {
+        if let Some(r) = self.resumes.get_mut(slot) {
             r.write(rec);
         }
     }

@@ -61,6 +61,7 @@ pub struct ServeConfig {
     pub device: DeviceConfig,
     pub buf_alloc: u32,
     pub max_connections: usize,
+    pub resume_grace: std::time::Duration,
 }
 
 fn lock(dev: &Mutex<VsockDevice>) -> MutexGuard<'_, VsockDevice> {
@@ -229,6 +230,7 @@ impl EventLoop {
                                 // done: the events not handled yet (and
                                 // the queues) are left to the successor,
                                 // or to this worker after a resume.
+                                lock(&self.device).quiesce_sessions();
                                 let signals = self.signals.fd();
                                 match link.quiesce(&self.device, self.generation, signals) {
                                     QuiesceEnd::Exit => {
@@ -317,6 +319,7 @@ fn build(host: UnixHost, cfg: &ServeConfig) -> Result<Parts, BackendError> {
             guest_cid: cfg.device.guest_cid,
             buf_alloc: cfg.buf_alloc,
             max_connections: cfg.max_connections,
+            resume_grace: cfg.resume_grace,
         },
         host,
     )?;
@@ -378,6 +381,9 @@ pub struct PreparedWorker {
     parts: Parts,
     link: Channel,
     state: StateRegion,
+    /// A standby: the worker it replaces quiesced for it (an upgrade),
+    /// so resumable sessions stay attached.
+    handover: bool,
 }
 
 /// The state region a keeper's worker starts with.
@@ -434,9 +440,15 @@ pub fn prepare_worker(
     state: StateRegion,
     host: UnixHost,
     cfg: &ServeConfig,
+    handover: bool,
 ) -> Result<PreparedWorker, BackendError> {
     let parts = build(host, cfg)?;
-    Ok(PreparedWorker { parts, link, state })
+    Ok(PreparedWorker {
+        parts,
+        link,
+        state,
+        handover,
+    })
 }
 
 impl PreparedWorker {
@@ -461,7 +473,12 @@ impl PreparedWorker {
     /// worker recorded and then freed, and is withdrawn with every other
     /// id left.
     pub fn serve(self, mut fds: FdSet) -> Result<(), BackendError> {
-        let PreparedWorker { parts, link, state } = self;
+        let PreparedWorker {
+            parts,
+            link,
+            state,
+            handover,
+        } = self;
         let region = state.into_region(&link)?;
         let generation = region.next_generation();
         vsockd_device::crash_point::hit("standby-adopt");
@@ -478,7 +495,7 @@ impl PreparedWorker {
                 BackendError::Link(io::Error::other("the state region has no TX inflight log"))
             })?;
             dev.set_persistence(persistence);
-            match dev.adopt(&mut fds) {
+            match dev.adopt(&mut fds, handover) {
                 Ok(true) => info!("worker generation {generation}: session adopted"),
                 Ok(false) => info!("worker generation {generation}: no session to adopt"),
                 Err(e) => {

@@ -198,6 +198,7 @@ fn serve_config(args: &Args) -> ServeConfig {
         },
         buf_alloc: args.buf_alloc,
         max_connections: args.max_connections as usize,
+        resume_grace: std::time::Duration::from_secs(args.resume_grace),
     }
 }
 
@@ -267,7 +268,8 @@ fn run_worker(args: &Args, fd: i32) -> Result<(), BackendError> {
     if !args.standby {
         let (mut fds, _started) = FdSet::receive(&link).map_err(BackendError::Link)?;
         let state = StateRegion::open(take_state_region(&mut fds)?, geometry(args), true)?;
-        return prepare_worker(link, state, worker_host(args), &serve_config(args))?.serve(fds);
+        return prepare_worker(link, state, worker_host(args), &serve_config(args), false)?
+            .serve(fds);
     }
     // A standby tells the keeper why it cannot take over before it exits.
     let report = link.try_clone().map_err(BackendError::Link)?;
@@ -289,7 +291,7 @@ fn prepare_standby(args: &Args, link: Channel) -> Result<PreparedWorker, Backend
     let (mut fds, _started) = FdSet::receive(&link).map_err(BackendError::Link)?;
     let state = StateRegion::open(take_state_region(&mut fds)?, geometry(args), false)?;
     let found = state.layout_version();
-    let prepared = prepare_worker(link, state, worker_host(args), &serve_config(args))?;
+    let prepared = prepare_worker(link, state, worker_host(args), &serve_config(args), true)?;
     prepared
         .link()
         .send(Kind::Standby, LAYOUT_VERSION, u64::from(found), &[], &[])

@@ -91,6 +91,26 @@ impl<'a> GuestIovs<'a> {
         })
     }
 
+    /// Calls `f` with the bytes of `[offset, offset + len)` in order, in
+    /// chunks copied out of guest memory (a checksum over guest bytes
+    /// reads them this way, never through a reference into shared
+    /// memory). Returns the bytes covered.
+    pub fn read_chunks(&self, offset: usize, len: usize, mut f: impl FnMut(&[u8])) -> usize {
+        const CHUNK_BYTES: usize = 4096;
+        let mut chunk = [0u8; CHUNK_BYTES];
+        let mut done = 0;
+        while done < len {
+            let want = (len - done).min(CHUNK_BYTES);
+            let got = self.read_at(offset + done, &mut chunk[..want]);
+            f(&chunk[..got]);
+            done += got;
+            if got < want {
+                break;
+            }
+        }
+        done
+    }
+
     /// Fills `out` with iovecs covering `[offset, offset + len)`, clipped to
     /// what exists and to [`IOV_MAX`] iovecs, and returns the window over
     /// them. The window's length is exactly what one `readv`/`writev` of it
@@ -200,6 +220,17 @@ pub fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Bytes waiting to be read in socket `fd` (`FIONREAD`).
+pub fn queued_fd(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer we pass.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
 /// `recv(2)` with `MSG_PEEK`: the bytes at the head of socket `fd`'s
 /// queue, left there. Retries on EINTR; never blocks.
 pub fn peek_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -220,16 +251,20 @@ pub fn peek_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// `writev(2)` of plain byte slices, retrying on EINTR, with MSG_NOSIGNAL
-/// semantics provided by the process ignoring SIGPIPE.
+/// Most slices one [`write_fd`] writes.
+pub const MAX_WRITE_SLICES: usize = 4;
+
+/// `writev(2)` of up to [`MAX_WRITE_SLICES`] plain byte slices, retrying
+/// on EINTR, with MSG_NOSIGNAL semantics provided by the process ignoring
+/// SIGPIPE.
 pub fn write_fd(fd: RawFd, bufs: &[&[u8]]) -> io::Result<usize> {
-    let iovs: [libc::iovec; 2] = std::array::from_fn(|i| libc::iovec {
+    let iovs: [libc::iovec; MAX_WRITE_SLICES] = std::array::from_fn(|i| libc::iovec {
         iov_base: bufs
             .get(i)
             .map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut _),
         iov_len: bufs.get(i).map_or(0, |b| b.len()),
     });
-    let count = bufs.len().min(2) as libc::c_int;
+    let count = bufs.len().min(MAX_WRITE_SLICES) as libc::c_int;
     loop {
         // SAFETY: the first `count` iovecs describe the borrowed slices.
         let n = unsafe { libc::writev(fd, iovs.as_ptr(), count) };

@@ -16,6 +16,7 @@ mod muxer;
 pub mod packet;
 mod parked;
 mod phase;
+pub mod session;
 pub mod store;
 mod txbuf;
 
@@ -34,6 +35,9 @@ pub enum DeviceError {
     /// The device's epoll set could not be created or changed.
     #[error("epoll: {0}")]
     Epoll(#[source] std::io::Error),
+    /// The grace-period timer could not be created.
+    #[error("cannot create the resumable sessions' timer: {0}")]
+    Timer(#[source] std::io::Error),
 }
 
 /// A connection's identity: our (host-side) port and the guest's port.

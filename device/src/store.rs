@@ -14,12 +14,16 @@
 //!   written, [`ConnStore::kept_stream_recorded`]);
 //! * for each TX chain applied, where its payload sits in its connection's
 //!   stream ([`TxMeta`]), before the record that counts it;
-//! * bytes the host has not taken, in the slot's data area.
+//! * bytes the host has not taken, in the slot's data area (for a
+//!   resumable session, bytes its client has not acknowledged);
+//! * a resumable session's own record, before the connection's record
+//!   whenever it changed.
 //!
 //! Removing a connection commits a free record (`uid == 0`).
 
 use std::os::fd::RawFd;
 
+pub use vsockd_persist::resume::ResumeRecord;
 pub use vsockd_persist::slot::{ConnRecord, TxMeta};
 
 /// Bytes of data area a connection with credit `buf_alloc` needs.
@@ -65,6 +69,9 @@ pub unsafe trait ConnStore {
 
     /// Writes `rec` as slot `slot`'s state.
     fn commit(&mut self, slot: usize, rec: &ConnRecord);
+
+    /// Writes `rec` as the state of slot `slot`'s resumable session.
+    fn commit_resume(&mut self, slot: usize, rec: &ResumeRecord);
 
     /// Stores where TX chain `head`'s payload went.
     fn note_tx(&mut self, head: u16, meta: &TxMeta);

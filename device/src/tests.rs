@@ -15,6 +15,8 @@ use vm_memory::ByteValued;
 use crate::packet::*;
 use crate::{GuestIovs, Host, Muxer, MuxerConfig};
 
+mod sessions;
+
 const GUEST_CID: u64 = 3;
 const BUF_ALLOC: u32 = 64 * 1024;
 
@@ -125,6 +127,7 @@ impl Rig {
             guest_cid: GUEST_CID,
             buf_alloc,
             max_connections: 4096,
+            resume_grace: std::time::Duration::from_secs(30),
         };
         Rig {
             mux: Muxer::new(cfg, host).unwrap(),
@@ -930,6 +933,7 @@ unsafe impl crate::ConnStore for LogStore {
             .borrow_mut()
             .push(StoreCall::Commit(slot, rec.uid));
     }
+    fn commit_resume(&mut self, _slot: usize, _rec: &crate::store::ResumeRecord) {}
     fn note_tx(&mut self, _head: u16, _meta: &crate::store::TxMeta) {}
     fn tx_meta(&self, _head: u16) -> Option<crate::store::TxMeta> {
         None
@@ -951,9 +955,8 @@ impl Rig {
     /// `rx_op`, committing and publishing the RX batch as the backend does.
     fn rx_op_kept(&mut self, op: u16) -> (PacketHeader, Vec<u8>) {
         let got = self.rx_op(op);
-        if self.mux.commit_rx().is_some() {
-            self.mux.rx_published();
-        }
+        self.mux.commit_rx();
+        self.mux.rx_published();
         got
     }
 }

@@ -177,6 +177,34 @@ impl TxBuf {
         Ok(())
     }
 
+    /// The bytes at stream offsets `[from, from + len)`, which must lie
+    /// within what is held (ending at `end`), as at most two slices (the
+    /// ring may wrap). `None` if they do not.
+    pub fn slices(&mut self, from: u32, len: usize, end: u32) -> Option<(&[u8], &[u8])> {
+        let start_of_held = Wrapping(end) - Wrapping(self.held as u32);
+        let skip = (Wrapping(from) - start_of_held).0 as usize;
+        if skip > self.held || len > self.held - skip {
+            return None;
+        }
+        let start = self.pos(Wrapping(from));
+        let first = (self.ring - start).min(len);
+        let second = len - first;
+        let data = self.data();
+        let (head, tail) = data.split_at(start);
+        Some((&tail[..first], &head[..second]))
+    }
+
+    /// Drops the `n` oldest bytes held (the host client acknowledged
+    /// them). A heap buffer frees its storage once empty.
+    pub fn release(&mut self, n: usize) {
+        self.held -= n.min(self.held);
+        if self.held == 0 {
+            if let Storage::Heap(b) = &mut self.storage {
+                *b = Box::new([]);
+            }
+        }
+    }
+
     /// Writes as much as `fd` takes of what is held (ending at `end`);
     /// returns bytes written. A heap buffer frees its storage once empty,
     /// so idle connections cost no buffer memory.
@@ -263,6 +291,38 @@ mod tests {
         let mut sink = vec![0u8; 1 << 20];
         while b.read(&mut sink).map(|n| n > 0).unwrap_or(false) {}
         assert_eq!(t.flush_to(a.as_raw_fd(), 100).unwrap(), 100);
+    }
+
+    #[test]
+    fn slices_name_held_bytes_across_the_wrap_and_release_drops_the_oldest() {
+        let mut src: Vec<u8> = (0..64u8).collect();
+        let iovs = guest(&mut src);
+        // SAFETY: `src` outlives `g` and is not otherwise accessed meanwhile.
+        let g = unsafe { GuestIovs::new(&iovs) };
+        let mut t = TxBuf::new(16);
+        let mut end = u32::MAX - 5;
+        for chunk in [(0, 10), (10, 6)] {
+            end = end.wrapping_add(chunk.1 as u32);
+            t.push_guest(&g, chunk.0, chunk.1, end).unwrap();
+        }
+        let first = end.wrapping_sub(16);
+        let (a, b) = t.slices(first.wrapping_add(3), 10, end).unwrap();
+        assert_eq!([a, b].concat(), (3..13u8).collect::<Vec<_>>());
+        assert!(
+            t.slices(first.wrapping_add(3), 14, end).is_none(),
+            "past the end"
+        );
+        assert!(
+            t.slices(first.wrapping_sub(1), 2, end).is_none(),
+            "before the start"
+        );
+        t.release(4);
+        assert_eq!(t.len(), 12);
+        assert!(t.slices(first, 1, end).is_none(), "released");
+        let (a, b) = t.slices(first.wrapping_add(4), 12, end).unwrap();
+        assert_eq!([a, b].concat(), (4..16u8).collect::<Vec<_>>());
+        t.release(100);
+        assert!(t.is_empty());
     }
 
     /// A buffer in shared memory, abandoned with bytes held (its process

@@ -118,8 +118,9 @@ impl VsockDevice {
     }
 
     /// Rebuilds the device from the session record and the fds handed
-    /// over. Returns false when there was no session to adopt.
-    pub fn adopt(&mut self, fds: &mut FdSet) -> Result<bool, String> {
+    /// over. `handover`: the dead worker quiesced for this one (an
+    /// upgrade). Returns false when there was no session to adopt.
+    pub fn adopt(&mut self, fds: &mut FdSet, handover: bool) -> Result<bool, String> {
         let Some(rec) = self
             .persist
             .as_ref()
@@ -237,7 +238,7 @@ impl VsockDevice {
             self.install_ring(q, ring).map_err(|e| e.to_string())?;
         }
         let last_batch = rings.rx_pending_batch.max(rings.rx_confirmed_batch);
-        self.adopt_connections(fds, last_batch)?;
+        self.adopt_connections(fds, last_batch, handover)?;
         self.resubmit_tx(&resubmit);
         self.muxer.finish_adoption();
         for q in [RX_QUEUE, TX_QUEUE] {
@@ -250,7 +251,12 @@ impl VsockDevice {
 
     /// Rebuilds the connections from their slots as of RX batch
     /// `last_batch`, with their host streams from `fds`.
-    fn adopt_connections(&mut self, fds: &mut FdSet, last_batch: u64) -> Result<(), String> {
+    fn adopt_connections(
+        &mut self,
+        fds: &mut FdSet,
+        last_batch: u64,
+        handover: bool,
+    ) -> Result<(), String> {
         let p = self.persist.as_mut().ok_or("no state region")?;
         let region = p.region.clone();
         region.rx_mark_confirmed(last_batch);
@@ -288,28 +294,44 @@ impl VsockDevice {
                 continue;
             }
             highest_counter = highest_counter.max(record.last_tx_counter);
-            let Some(fd) = fds.take(conn_stream(record.uid)) else {
-                warn!(
-                    "connection slot {i} (host:{} guest:{}): its host stream was not handed over; closing it",
-                    record.local_port, record.peer_port
-                );
-                slot.write(&ConnRecord::default());
-                continue;
+            // A resumable session's stream is kept under the uid its
+            // record names (0: detached, no stream).
+            let resume = region
+                .resume(i)
+                .and_then(|r| r.read())
+                .map(|c| c.body)
+                .filter(|r| r.conn_uid == record.uid);
+            let stream_uid = resume.map_or(record.uid, |r| r.stream_uid);
+            saw_uid(stream_uid);
+            let stream = match fds
+                .take(conn_stream(stream_uid))
+                .filter(|_| stream_uid != 0)
+            {
+                Some(fd) => Some(UnixStream::from(fd)),
+                None if resume.is_some() => None,
+                None => {
+                    warn!(
+                        "connection slot {i} (host:{} guest:{}): its host stream was not handed over; closing it",
+                        record.local_port, record.peer_port
+                    );
+                    slot.write(&ConnRecord::default());
+                    continue;
+                }
             };
-            let stream = UnixStream::from(fd);
-            if let Err(e) = stream.set_nonblocking(true) {
+            if let Some(Err(e)) = stream.as_ref().map(|s| s.set_nonblocking(true)) {
                 warn!("connection slot {i}: host stream: {e}");
             }
             found.push(Adopted {
                 slot: i as usize,
                 record,
                 stream,
+                resume,
             });
         }
         region.reserve_conn_uids(highest_uid);
         region.note_host_client(highest_keeper_uid);
         p.tx_log.raise_counter(highest_counter + 1);
-        self.muxer.adopt(found, newest_batch);
+        self.muxer.adopt(found, newest_batch, handover);
         Ok(())
     }
 

@@ -424,6 +424,12 @@ impl VsockDevice {
         self.return_completed_tx();
     }
 
+    /// The worker stops for an upgrade: resumable sessions record where
+    /// their streams stand, for the successor.
+    pub fn quiesce_sessions(&mut self) {
+        self.muxer.quiesce_sessions();
+    }
+
     /// Puts the TX chains the muxer is done with on the used ring and
     /// publishes them. With no TX ring (the session ended) there is nobody
     /// to return them to.
@@ -588,8 +594,8 @@ fn publish_used(
     let notify = ring.publish(mem)?;
     if let (Some(b), Some(r)) = (batch, region) {
         r.rx_mark_confirmed(b);
-        muxer.rx_published();
     }
+    muxer.rx_published();
     Ok(notify)
 }
 

@@ -35,6 +35,14 @@
 //! guest connect recorded as `Connecting` is connected on its kept stream
 //! (a connect already made answers EISCONN). Neither is ever made twice.
 //!
+//! Resumable sessions: a session's record (`ResumeRecord`) is written
+//! before its connection's whenever it changed. Adopted after a crash, an
+//! attached session is detached (its stream closed, its client resumes);
+//! adopted in a hand-over (the predecessor quiesced for an upgrade) it
+//! carries on on its stream from the writer position its predecessor
+//! recorded. A host client whose `RESUME` line was read before a crash is
+//! closed: its reply may have been sent, so it asks again.
+//!
 //! Not kept: RSTs owed for unknown connections (a guest that sent to a
 //! dead connection during the crash sees its packet go unanswered, and its
 //! own timeout applies), and readiness, which is assumed (an extra read
@@ -47,11 +55,12 @@ use log::{debug, info, warn};
 
 use super::{Muxer, FIRST_LOCAL_PORT};
 use crate::conn::{Connection, State};
-use crate::connect_line::{line_port, MAX_LINE_BYTES};
+use crate::connect_line::{parse as parse_line, Line, MAX_LINE_BYTES};
 use crate::host::{Host, HostStream};
 use crate::iov::GuestIovs;
 use crate::packet::HEADER_SIZE_BYTES;
-use crate::store::{ConnRecord, ConnStore, TxMeta};
+use crate::session::{monotonic_now_ns, Session};
+use crate::store::{ConnRecord, ConnStore, ResumeRecord, TxMeta};
 use crate::txbuf::ring_bytes;
 
 /// A TX chain as the backend popped it: its head, and its inflight
@@ -62,11 +71,14 @@ pub struct TxChain {
     pub counter: u64,
 }
 
-/// A connection found in the store, with its kept host stream.
+/// A connection found in the store, with its kept host stream (`None`
+/// only for a detached resumable session) and, for a resumable session,
+/// its session record.
 pub struct Adopted<S> {
     pub slot: usize,
     pub record: ConnRecord,
-    pub stream: S,
+    pub stream: Option<S>,
+    pub resume: Option<ResumeRecord>,
 }
 
 /// The muxer's persistence state.
@@ -114,7 +126,9 @@ impl Keep {
     ) {
         let uid = self.store.next_uid();
         self.prepare_kept(slot, conn, buf_alloc, uid);
-        self.store.keep_stream(conn.uid, conn.stream.as_raw_fd());
+        if let Some(fd) = conn.fd() {
+            self.store.keep_stream(conn.uid, fd);
+        }
     }
 
     /// [`Keep::prepare`] for a connection whose stream the store keeps
@@ -141,14 +155,17 @@ impl Keep {
     /// Connection `conn` left slot `slot`.
     pub fn freed<S: HostStream>(&mut self, slot: usize, conn: &Connection<S>) {
         let discard = conn.used_shared_buffer();
+        let stream = conn.stream_uid().unwrap_or(0);
         if self.in_rx {
             self.rx_freed.push(slot);
-            self.after_rx.push((slot, conn.uid, discard));
+            self.after_rx.push((slot, stream, discard));
             return;
         }
         self.store.commit(slot, &free_record(conn.rx_batch));
         crate::crash_point::hit("conn-freed");
-        self.store.release_streams(&[conn.uid]);
+        if stream != 0 {
+            self.store.release_streams(&[stream]);
+        }
         if discard {
             self.store.discard_data(slot);
         }
@@ -156,9 +173,11 @@ impl Keep {
 
     /// Frees slot `slot`, whose connection `record` could not be adopted,
     /// and releases its stream.
-    fn abandon(&mut self, slot: usize, record: &ConnRecord) {
+    fn abandon(&mut self, slot: usize, record: &ConnRecord, stream_uid: u64) {
         self.store.commit(slot, &free_record(record.rx_batch));
-        self.store.release_streams(&[record.uid]);
+        if stream_uid != 0 {
+            self.store.release_streams(&[stream_uid]);
+        }
     }
 
     /// Frees every slot in `conns` at once (device reset).
@@ -170,7 +189,7 @@ impl Keep {
             if conn.used_shared_buffer() {
                 self.store.discard_data(slot);
             }
-            uids.push(conn.uid);
+            uids.extend(conn.stream_uid());
         }
         self.store.release_streams(&uids);
         self.rx_dirty.clear();
@@ -247,14 +266,19 @@ impl<H: Host> Muxer<H> {
         Some(batch)
     }
 
-    /// The batch [`Muxer::commit_rx`] returned is published: the streams
-    /// of connections it removed are released.
-    pub fn rx_published(&mut self) {
+    /// The streams of connections the published RX batch removed are
+    /// released.
+    pub(super) fn release_after_rx(&mut self) {
         let Some(k) = &mut self.keep else { return };
         if k.after_rx.is_empty() {
             return;
         }
-        let uids: Vec<u64> = k.after_rx.iter().map(|&(_, uid, _)| uid).collect();
+        let uids: Vec<u64> = k
+            .after_rx
+            .iter()
+            .map(|&(_, uid, _)| uid)
+            .filter(|&u| u != 0)
+            .collect();
         k.store.release_streams(&uids);
         for (slot, _, discard) in std::mem::take(&mut k.after_rx) {
             if discard {
@@ -266,9 +290,15 @@ impl<H: Host> Muxer<H> {
     /// Rebuilds the connection table from what a dead process stored:
     /// `conns` are the live slots' records with their kept streams, and
     /// `last_rx_batch` the newest RX batch the records may carry. Call on a
-    /// muxer with a store and no connections. Returns the connections
-    /// adopted.
-    pub fn adopt(&mut self, conns: Vec<Adopted<H::Stream>>, last_rx_batch: u64) -> usize {
+    /// muxer with a store and no connections. `handover`: the dead process
+    /// quiesced for this one (an upgrade), so resumable sessions stay
+    /// attached. Returns the connections adopted.
+    pub fn adopt(
+        &mut self,
+        conns: Vec<Adopted<H::Stream>>,
+        last_rx_batch: u64,
+        handover: bool,
+    ) -> usize {
         let Some(k) = &mut self.keep else { return 0 };
         k.next_rx_batch = last_rx_batch + 1;
         let data_bytes = k.store.data_bytes();
@@ -277,8 +307,15 @@ impl<H: Host> Muxer<H> {
             slot,
             record,
             stream,
+            resume,
         } in conns
         {
+            let resume = resume.filter(|r| r.conn_uid == record.uid && record.uid != 0);
+            let stream_uid = match (&stream, &resume) {
+                (None, _) => 0,
+                (Some(_), Some(r)) => r.stream_uid,
+                (Some(_), None) => record.uid,
+            };
             let Some(k) = &mut self.keep else {
                 return adopted;
             };
@@ -305,6 +342,14 @@ impl<H: Host> Muxer<H> {
                 record.last_tx_counter,
                 record.rx_batch
             );
+            let built = built.and_then(|mut c| {
+                match &resume {
+                    Some(r) => adopt_session(k, slot, &mut c, r, handover)?,
+                    None if c.stream.is_none() => return Err("no host stream".to_string()),
+                    None => {}
+                }
+                Ok(c)
+            });
             let conn = match built {
                 Ok(c) => c,
                 Err(e) => {
@@ -312,14 +357,15 @@ impl<H: Host> Muxer<H> {
                         "connection slot {slot} (host:{} guest:{}) cannot be adopted: {e}; closing it",
                         record.local_port, record.peer_port
                     );
-                    k.abandon(slot, &record);
+                    k.abandon(slot, &record, stream_uid);
                     continue;
                 }
             };
+            let stream_uid = conn.stream_uid().unwrap_or(0);
             if let Err(e) = self.insert_adopted(slot, conn) {
                 warn!("connection slot {slot}: cannot poll its host stream: {e}; closing it");
                 if let Some(k) = &mut self.keep {
-                    k.abandon(slot, &record);
+                    k.abandon(slot, &record, stream_uid);
                 }
                 continue;
             }
@@ -339,7 +385,8 @@ impl<H: Host> Muxer<H> {
         if let Some(p) = highest.and_then(|p| p.checked_add(1)) {
             self.next_local_port = p.max(FIRST_LOCAL_PORT);
         }
-        self.finish_handshakes();
+        self.finish_handshakes(handover);
+        self.arm_grace_timer();
         if adopted > 0 {
             info!("{adopted} connections adopted");
         }
@@ -350,7 +397,7 @@ impl<H: Host> Muxer<H> {
     /// a host client whose line it had read (its line area holds a
     /// newline) connects, and a guest connect recorded as `Connecting` is
     /// connected on its kept stream.
-    fn finish_handshakes(&mut self) {
+    fn finish_handshakes(&mut self, handover: bool) {
         for slot in 0..self.conns.len() {
             let Some(conn) = &self.conns[slot] else {
                 continue;
@@ -368,9 +415,15 @@ impl<H: Host> Muxer<H> {
                         // Nothing consumed: the line is still in the socket.
                         continue;
                     };
-                    let port = line_port(&bytes[..len]);
-                    debug!("slot {slot}: the CONNECT line was read before the restart");
-                    self.take_connect_line(slot, port);
+                    let line = parse_line(&bytes[..len]);
+                    if matches!(line, Ok(Line::Resume { .. })) && !handover {
+                        // Its reply may have been sent: the client asks again.
+                        info!("slot {slot}: a RESUME was being answered at the restart: closing that client");
+                        self.remove(slot);
+                        continue;
+                    }
+                    debug!("slot {slot}: the handshake line was read before the restart");
+                    self.take_connect_line(slot, line);
                 }
                 _ => {}
             }
@@ -386,14 +439,19 @@ impl<H: Host> Muxer<H> {
             | epoll::Events::EPOLLRDHUP
             | epoll::Events::EPOLLET;
         let ev = epoll::Event::new(events, slot as u64);
-        epoll::ctl(
-            self.epoll.as_raw_fd(),
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            conn.stream.as_raw_fd(),
-            ev,
-        )?;
+        if let Some(fd) = conn.fd() {
+            epoll::ctl(
+                self.epoll.as_raw_fd(),
+                epoll::ControlOptions::EPOLL_CTL_ADD,
+                fd,
+                ev,
+            )?;
+        }
         if !matches!(conn.state, State::AwaitLine) {
             self.by_key.insert(conn.key, slot);
+        }
+        if let Some(s) = &conn.session {
+            self.sessions.insert(s.token, slot);
         }
         self.conns[slot] = Some(conn);
         Ok(())
@@ -510,12 +568,62 @@ impl<H: Host> Muxer<H> {
     }
 }
 
-/// Writes `conn`'s record to `slot` unless it is the one last written.
+/// The session a resumable connection's record describes, on `conn`
+/// (just rebuilt from its record). After a crash an attached session is
+/// detached: its stream is released and closed.
+fn adopt_session<S: HostStream>(
+    k: &mut Keep,
+    slot: usize,
+    conn: &mut Connection<S>,
+    r: &ResumeRecord,
+    handover: bool,
+) -> Result<(), String> {
+    let attached = conn.stream.is_some() && r.stream_uid != 0;
+    let mut s = Session::from_record(r, handover && attached);
+    if !attached {
+        s.stream_uid = 0;
+        if s.detached_at_ns == 0 {
+            s.detached_at_ns = monotonic_now_ns();
+        }
+        conn.stream = None;
+    } else if !handover {
+        info!(
+            "{}: resumable session detached by the restart; its client resumes",
+            conn.key
+        );
+        k.store.release_streams(&[r.stream_uid]);
+        conn.stream = None;
+        s.stream_uid = 0;
+        s.detached_at_ns = monotonic_now_ns();
+    }
+    conn.session = Some(Box::new(s));
+    conn.resume_committed = Some(*r);
+    if handover && attached {
+        if let Some((kind, offset, len, written)) = Session::unfinished_frame(r) {
+            if !conn.rebuild_out_frame(kind, offset, len, written) {
+                return Err(format!(
+                    "the frame its predecessor was writing ({kind:?} at {offset}, {len} bytes) is not buffered"
+                ));
+            }
+        }
+    }
+    debug!("slot {slot}: resumable session adopted");
+    Ok(())
+}
+
+/// Writes `conn`'s record to `slot` unless it is the one last written (a
+/// resumable session's record first).
 fn commit_conn<S: HostStream>(k: &mut Keep, slot: usize, conn: &mut Connection<S>) {
     // A slot changed by an RX batch is committed with the batch.
     debug_assert!(!conn.rx_dirty, "{}: committed inside an RX batch", conn.key);
     if conn.rx_dirty {
         return;
+    }
+    if let Some(rec) = conn.resume_record() {
+        if conn.resume_committed.as_ref() != Some(&rec) {
+            k.store.commit_resume(slot, &rec);
+            conn.resume_committed = Some(rec);
+        }
     }
     let rec = conn.record();
     if conn.committed.as_ref() != Some(&rec) {

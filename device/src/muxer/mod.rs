@@ -13,6 +13,9 @@
 //!   streams from the instant it accepts them): [`Muxer::add_host_client`]
 //!   takes them as if accepted here, under the uid they come with.
 //!
+//! * Resumable host sessions (`sessions`): a client's `RESUME` attaches a
+//!   new host stream to a session, a broken stream detaches it, and a
+//!   session detached longer than the grace period is reset.
 //! * Persistence (`keep`): with a [`ConnStore`] the table is the store's
 //!   slots, and every change is committed as `crate::store` describes;
 //!   [`Muxer::adopt`] rebuilds the table in a successor process.
@@ -31,21 +34,25 @@ use log::{debug, info, warn};
 use vm_memory::ByteValued;
 
 use crate::conn::{owe, Connection, State, MAX_RX_BATCH};
-use crate::connect_line::{find_line, line_port, MAX_LINE_BYTES};
+use crate::connect_line::{find_line, parse as parse_line, Line, LineError, MAX_LINE_BYTES};
 use crate::crash_point;
 use crate::host::Host;
 use crate::iov::{peek_fd, read_fd, GuestIovs};
 use crate::packet::*;
+use crate::session::Token;
 use crate::store::ConnStore;
 use crate::{ConnCounts, ConnKey, DeviceError};
 
 mod keep;
+mod sessions;
 
 use keep::Keep;
 pub use keep::{Adopted, TxChain};
 
 /// Token of the host listener in the muxer's epoll set.
 const LISTENER_TOKEN: u64 = u64::MAX;
+/// Token of the grace-period timer in the muxer's epoll set.
+const TIMER_TOKEN: u64 = u64::MAX - 1;
 /// RSTs for unknown connections waiting for RX buffers; more are dropped.
 const MAX_ORPHAN_RSTS: usize = 1024;
 /// First host-side port handed to host-initiated connections (as Firecracker).
@@ -62,6 +69,9 @@ pub struct MuxerConfig {
     pub buf_alloc: u32,
     /// Most connections at once (with a store, also at most its slots).
     pub max_connections: usize,
+    /// How long a resumable session stays open with no host client
+    /// attached before the guest connection is reset.
+    pub resume_grace: std::time::Duration,
 }
 
 /// Counters for logs and status.
@@ -94,6 +104,12 @@ pub struct Muxer<H: Host> {
     park_limit: usize,
     /// Where connections are kept for a successor, if anywhere.
     keep: Option<Keep>,
+    /// Resumable sessions by token.
+    sessions: HashMap<Token, usize>,
+    /// Fires when the first grace period ends (a timerfd).
+    timer: OwnedFd,
+    /// Sessions owed an `ACK` once the RX batch being filled is published.
+    rx_acks: Vec<usize>,
 }
 
 /// Most TX chains one connection parks; later ones are copied. Four 64 KiB
@@ -111,6 +127,15 @@ impl<H: Host> Muxer<H> {
             epoll::ctl(fd, epoll::ControlOptions::EPOLL_CTL_ADD, lfd, ev)
                 .map_err(DeviceError::Epoll)?;
         }
+        let timer = sessions::grace_timer().map_err(DeviceError::Timer)?;
+        let ev = epoll::Event::new(epoll::Events::EPOLLIN, TIMER_TOKEN);
+        epoll::ctl(
+            fd,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            timer.as_raw_fd(),
+            ev,
+        )
+        .map_err(DeviceError::Epoll)?;
         Ok(Muxer {
             cfg,
             host,
@@ -128,6 +153,9 @@ impl<H: Host> Muxer<H> {
             parked_chains: 0,
             park_limit: 0,
             keep: None,
+            sessions: HashMap::new(),
+            timer,
+            rx_acks: Vec::new(),
         })
     }
 
@@ -188,6 +216,9 @@ impl<H: Host> Muxer<H> {
         self.free_slots.clear();
         self.rx_queue.clear();
         self.orphan_rsts.clear();
+        self.sessions.clear();
+        self.rx_acks.clear();
+        self.arm_grace_timer();
     }
 
     fn conn(&mut self, slot: usize) -> Option<&mut Connection<H::Stream>> {
@@ -242,14 +273,17 @@ impl<H: Host> Muxer<H> {
             | epoll::Events::EPOLLOUT
             | epoll::Events::EPOLLRDHUP
             | epoll::Events::EPOLLET;
-        let fd = conn.stream.as_raw_fd();
         let ev = epoll::Event::new(events, slot as u64);
-        if let Err(e) = epoll::ctl(
-            self.epoll.as_raw_fd(),
-            epoll::ControlOptions::EPOLL_CTL_ADD,
-            fd,
-            ev,
-        ) {
+        let added = match conn.fd() {
+            Some(fd) => epoll::ctl(
+                self.epoll.as_raw_fd(),
+                epoll::ControlOptions::EPOLL_CTL_ADD,
+                fd,
+                ev,
+            ),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        };
+        if let Err(e) = added {
             self.free_slots.push(slot);
             if let Some(k) = &mut self.keep {
                 k.store.release_streams(&[conn.uid]);
@@ -268,14 +302,21 @@ impl<H: Host> Muxer<H> {
         let before = self.completed_tx.len();
         conn.parked.abandon(&mut self.completed_tx);
         self.parked_chains -= self.completed_tx.len() - before;
-        let _ = epoll::ctl(
-            self.epoll.as_raw_fd(),
-            epoll::ControlOptions::EPOLL_CTL_DEL,
-            conn.stream.as_raw_fd(),
-            epoll::Event::new(epoll::Events::empty(), 0),
-        );
+        if let Some(fd) = conn.fd() {
+            let _ = epoll::ctl(
+                self.epoll.as_raw_fd(),
+                epoll::ControlOptions::EPOLL_CTL_DEL,
+                fd,
+                epoll::Event::new(epoll::Events::empty(), 0),
+            );
+        }
         if self.by_key.get(&conn.key) == Some(&slot) {
             self.by_key.remove(&conn.key);
+        }
+        if let Some(s) = &conn.session {
+            if self.sessions.get(&s.token) == Some(&slot) {
+                self.sessions.remove(&s.token);
+            }
         }
         if let Some(k) = &mut self.keep {
             k.freed(slot, &conn);
@@ -448,7 +489,9 @@ impl<H: Host> Muxer<H> {
         let before = self.conn(slot).map(|c| (c.uid, c.rx_cnt()));
         let parked = self.handle_conn_packet(slot, &hdr, pkt, len, chain.map(|c| c.head));
         self.tx_applied(slot, chain, before, len);
-        self.enqueue(slot);
+        // A session's stream that broke while its bytes were framed is
+        // detached only now, after the chain's commit.
+        self.after_session_io(slot);
         parked
     }
 
@@ -466,6 +509,10 @@ impl<H: Host> Muxer<H> {
         };
         if hdr.op() == OP_RST {
             debug!("{}: guest RST", conn.key);
+            if conn.session.is_some() {
+                conn.end_session("the guest reset the connection".to_string(), true);
+                self.tell_client(slot);
+            }
             self.remove(slot);
             return false;
         }
@@ -556,7 +603,11 @@ impl<H: Host> Muxer<H> {
             return;
         }
         let key = conn.key;
-        match self.host.connect(&conn.stream, key.local_port) {
+        let connected = match &conn.stream {
+            Some(stream) => self.host.connect(stream, key.local_port),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        };
+        match connected {
             Ok(()) => {
                 crash_point::hit("guest-connect");
                 conn.host_connected();
@@ -617,13 +668,22 @@ impl<H: Host> Muxer<H> {
                 continue;
             }
             conn.in_rx_queue = false;
-            let Some(fill) = conn.fill_rx(guest_cid, &bufs[i..], &mut lens[i..], scratch) else {
-                continue;
-            };
-            i += fill.buffers;
+            let fill = conn.fill_rx(guest_cid, &bufs[i..], &mut lens[i..], scratch);
+            if conn.session.as_ref().is_some_and(|s| s.ack_after_publish)
+                && !self.rx_acks.contains(&slot)
+            {
+                self.rx_acks.push(slot);
+            }
             if let Some(k) = &mut self.keep {
                 k.rx_touched(slot, conn);
             }
+            if conn.broken.is_some() {
+                self.detach(slot);
+            }
+            let Some(fill) = fill else {
+                continue;
+            };
+            i += fill.buffers;
             if fill.close {
                 self.remove(slot);
             } else {
@@ -649,6 +709,8 @@ impl<H: Host> Muxer<H> {
                 let flags = epoll::Events::from_bits_truncate(ev.events);
                 if ev.data == LISTENER_TOKEN {
                     self.accept_host_clients();
+                } else if ev.data == TIMER_TOKEN {
+                    self.grace_timer_fired();
                 } else {
                     self.on_host_event(ev.data as usize, flags);
                 }
@@ -722,6 +784,16 @@ impl<H: Host> Muxer<H> {
         if readable {
             conn.host_readable = true;
         }
+        if conn.session.is_some() {
+            if readable {
+                conn.session_read_host();
+            }
+            if flags.intersects(E::EPOLLOUT | E::EPOLLERR) {
+                conn.session_write();
+                conn.settle_now();
+            }
+            return self.after_session_io(slot);
+        }
         if flags.intersects(E::EPOLLOUT | E::EPOLLERR) && !conn.is_closing() {
             let before = self.completed_tx.len();
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
@@ -752,7 +824,7 @@ impl<H: Host> Muxer<H> {
         if !matches!(conn.state, State::AwaitLine) {
             return;
         }
-        let fd = conn.stream.as_raw_fd();
+        let Some(fd) = conn.fd() else { return };
         let mut peeked = [0u8; MAX_LINE_BYTES];
         let n = match peek_fd(fd, &mut peeked) {
             Ok(0) => {
@@ -801,8 +873,8 @@ impl<H: Host> Muxer<H> {
             warn!("host client: {got} of the {len} bytes of its CONNECT line read; closing it");
             return self.remove(slot);
         }
-        let port = line_port(line);
-        self.take_connect_line(slot, port);
+        let parsed = parse_line(line);
+        self.take_connect_line(slot, parsed);
     }
 
     /// The line area of `slot`: where its host client's `CONNECT` line is
@@ -815,15 +887,14 @@ impl<H: Host> Muxer<H> {
         k.store.data_area(slot)
     }
 
-    /// The host client in `slot` sent a complete line, asking for `port`:
-    /// it connects, or is closed if the line was malformed.
-    pub(super) fn take_connect_line(
-        &mut self,
-        slot: usize,
-        port: Result<u32, crate::connect_line::LineError>,
-    ) {
-        match port {
-            Ok(port) => self.start_host_connect(slot, port),
+    /// The host client in `slot` sent a complete line: it connects, or
+    /// resumes a session, or is closed if the line was malformed.
+    pub(super) fn take_connect_line(&mut self, slot: usize, line: Result<Line, LineError>) {
+        match line {
+            Ok(Line::Connect { port, resumable }) => self.start_host_connect(slot, port, resumable),
+            Ok(Line::Resume { token, received }) => {
+                return self.resume_session(slot, token, received)
+            }
             Err(e) => {
                 warn!("closing host client: {e}");
                 self.remove(slot);
@@ -832,12 +903,15 @@ impl<H: Host> Muxer<H> {
         self.commit(slot);
     }
 
-    fn start_host_connect(&mut self, slot: usize, port: u32) {
+    fn start_host_connect(&mut self, slot: usize, port: u32, resumable: bool) {
         let local_port = self.alloc_local_port(port);
         let key = ConnKey {
             local_port,
             peer_port: port,
         };
+        if resumable && !self.open_session(slot) {
+            return;
+        }
         let Some(conn) = self.conn(slot) else { return };
         conn.start_local_init(key);
         self.by_key.insert(key, slot);

@@ -28,6 +28,12 @@
 //! host stream once every byte before it reached the host; host EOF becomes
 //! a SHUTDOWN(SEND) to the guest once every byte before it reached the guest.
 //!
+//! A host client that asked for a resumable session (`CONNECT <port>
+//! resumable`) has a [`Session`]: its host stream carries frames, and its
+//! guest-to-host bytes stay in the buffer until the client acknowledges
+//! them (see `crate::session` and `resumable`); its stream may be absent
+//! while no client is attached.
+//!
 //! Credit invariants, with all counters wrapping u32 as on the wire:
 //! * guest to host: `rx_cnt - fwd_cnt == parked.bytes() + txbuf.len() <=
 //!   buf_alloc`; `fwd_cnt` counts bytes the host stream accepted. Bytes the
@@ -39,8 +45,11 @@
 //!   `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`; the rest waits in the host
 //!   socket, which pushes back on the host writer.
 
+mod resumable;
+
 use std::io;
 use std::num::Wrapping;
+use std::os::fd::RawFd;
 
 use log::{debug, warn};
 
@@ -49,6 +58,7 @@ use crate::iov::{write_fd, GuestIovs, IovWindow};
 use crate::packet::*;
 use crate::parked::Parked;
 use crate::phase::ConnPhase;
+use crate::session::Session;
 use crate::txbuf::TxBuf;
 use crate::ConnKey;
 use vsockd_persist::slot::ConnRecord;
@@ -63,7 +73,7 @@ pub(crate) mod rec_state {
 }
 
 /// [`ConnRecord::host_flags`] bits.
-mod rec_host {
+pub(crate) mod rec_host {
     pub const EOF: u8 = 1;
     pub const WRITE_SHUT: u8 = 2;
 }
@@ -118,9 +128,21 @@ pub(crate) struct RxFill {
 /// Most RX buffers one `readv` fills.
 pub const MAX_RX_BATCH: usize = 64;
 
+/// Why a resumable session's stream must be dropped.
+#[derive(Debug)]
+pub(crate) struct Broken {
+    /// For the log.
+    pub reason: String,
+    /// Tell the client first, with an `ERROR` frame carrying the reason.
+    pub tell: bool,
+    /// The session is over (the guest is reset, the token forgotten).
+    pub end: bool,
+}
+
 /// One connection.
 pub(crate) struct Connection<S> {
-    pub stream: S,
+    /// The host stream; `None` only for a detached resumable session.
+    pub stream: Option<S>,
     pub state: State,
     pub key: ConnKey,
     // Guest to host.
@@ -160,12 +182,24 @@ pub(crate) struct Connection<S> {
     pub rx_dirty: bool,
     /// The record last committed.
     pub committed: Option<ConnRecord>,
+    /// The resumable session, if it is one.
+    pub session: Option<Box<Session>>,
+    /// Its stream broke: the muxer detaches it (or ends it).
+    pub broken: Option<Broken>,
+    /// The session record last committed.
+    pub resume_committed: Option<vsockd_persist::resume::ResumeRecord>,
 }
 
 impl<S: HostStream> Connection<S> {
     fn new(stream: S, state: State, key: ConnKey, buf_alloc: u32) -> Self {
+        let mut c = Self::new_without_stream(state, key, buf_alloc);
+        c.stream = Some(stream);
+        c
+    }
+
+    fn new_without_stream(state: State, key: ConnKey, buf_alloc: u32) -> Self {
         Connection {
-            stream,
+            stream: None,
             state,
             key,
             buf_alloc,
@@ -192,7 +226,21 @@ impl<S: HostStream> Connection<S> {
             rx_batch: 0,
             rx_dirty: false,
             committed: None,
+            session: None,
+            broken: None,
+            resume_committed: None,
         }
+    }
+
+    /// The host stream's descriptor, if it has one.
+    pub fn fd(&self) -> Option<RawFd> {
+        self.stream.as_ref().map(|s| s.as_raw_fd())
+    }
+
+    /// The fd-store uid its host stream is kept under, if it has one.
+    pub fn stream_uid(&self) -> Option<u64> {
+        self.stream.as_ref()?;
+        Some(self.session.as_ref().map_or(self.uid, |s| s.stream_uid))
     }
 
     /// A host client that has yet to send its CONNECT line.
@@ -269,6 +317,9 @@ impl<S: HostStream> Connection<S> {
     }
 
     fn can_send_data(&self) -> bool {
+        if self.session.is_some() {
+            return self.session_can_send();
+        }
         matches!(self.state, State::Established)
             && self.host_readable
             && !self.host_eof
@@ -283,8 +334,14 @@ impl<S: HostStream> Connection<S> {
 
     /// The guest answered our REQUEST: tell the host client, start the stream.
     pub fn establish(&mut self) -> Result<(), ConnError> {
-        let line = format!("OK {}\n", self.key.local_port);
-        match write_fd(self.stream.as_raw_fd(), &[line.as_bytes()]) {
+        let line = match &self.session {
+            Some(s) => format!("OK {} {}\n", self.key.local_port, s.token),
+            None => format!("OK {}\n", self.key.local_port),
+        };
+        let Some(fd) = self.fd() else {
+            return Err(ConnError::OkLine(io::ErrorKind::NotConnected.into()));
+        };
+        match write_fd(fd, &[line.as_bytes()]) {
             Ok(n) if n == line.len() => {
                 self.state = State::Established;
                 Ok(())
@@ -319,10 +376,18 @@ impl<S: HostStream> Connection<S> {
             });
         }
         self.rx_cnt += Wrapping(len as u32);
+        if self.session.is_some() {
+            self.session_on_rw(pkt, len)?;
+            self.settle();
+            return Ok(false);
+        }
         let mut written = 0;
-        if self.parked.is_empty() && self.txbuf.is_empty() && len > 0 {
+        if let (true, Some(fd)) = (
+            self.parked.is_empty() && self.txbuf.is_empty() && len > 0,
+            self.fd(),
+        ) {
             let window = pkt.window(HEADER_SIZE_BYTES, len, scratch);
-            match window.writev_to(self.stream.as_raw_fd()) {
+            match window.writev_to(fd) {
                 Ok(n) => written = n,
                 Err(e)
                     if matches!(
@@ -361,7 +426,12 @@ impl<S: HostStream> Connection<S> {
         scratch: &mut Vec<libc::iovec>,
         completed: &mut Vec<u16>,
     ) -> Result<(), ConnError> {
-        let fd = self.stream.as_raw_fd();
+        if self.session.is_some() {
+            self.session_write();
+            self.settle();
+            return Ok(());
+        }
+        let Some(fd) = self.fd() else { return Ok(()) };
         if !self.parked.is_empty() {
             let n = self
                 .parked
@@ -403,16 +473,26 @@ impl<S: HostStream> Connection<S> {
     /// The guest sent SHUTDOWN with `flags`.
     pub fn on_shutdown(&mut self, flags: u32) {
         self.peer_shutdown |= flags & SHUTDOWN_BOTH;
+        if self.session.is_some() {
+            // The guest's END may be due on the host stream.
+            self.session_write();
+        }
         self.settle();
     }
 
-    /// Applies what waits for the buffer to drain, and decides on credit
-    /// updates.
+    /// Applies what waits for the buffer to drain or a session's ends,
+    /// and decides on credit updates.
+    pub(crate) fn settle_now(&mut self) {
+        self.settle();
+    }
+
     fn settle(&mut self) {
-        if self.parked.is_empty() && self.txbuf.is_empty() {
+        if self.session.is_some() {
+            self.settle_session();
+        } else if self.parked.is_empty() && self.txbuf.is_empty() {
             if self.peer_shutdown & SHUTDOWN_SEND != 0 && !self.host_write_shut {
                 self.host_write_shut = true;
-                if let Err(e) = self.stream.shutdown_write() {
+                if let Some(Err(e)) = self.stream.as_ref().map(|s| s.shutdown_write()) {
                     debug!("{}: host shutdown(SHUT_WR): {e}", self.key);
                 }
             }
@@ -498,7 +578,12 @@ impl<S: HostStream> Connection<S> {
             return Some(self.put_control(guest_cid, first, lens, OP_RESPONSE, 0));
         }
         if self.can_send_data() {
-            match self.read_payload(guest_cid, bufs, lens, scratch) {
+            let read = if self.session.is_some() {
+                self.session_fill(guest_cid, bufs, lens, scratch)
+            } else {
+                self.read_payload(guest_cid, bufs, lens, scratch)
+            };
+            match read {
                 Ok(0) => {}
                 Ok(buffers) => {
                     return Some(RxFill {
@@ -517,6 +602,11 @@ impl<S: HostStream> Connection<S> {
             self.owed &= !owe::SHUTDOWN;
             let flags = self.shutdown_flags & !self.local_shutdown;
             self.local_shutdown |= flags;
+            if let Some(s) = &mut self.session {
+                // The client's END reaches the guest: acknowledged once
+                // this batch is published.
+                s.ack_after_publish = true;
+            }
             return Some(self.put_control(guest_cid, first, lens, OP_SHUTDOWN, flags));
         }
         if self.owed & owe::CREDIT_UPDATE != 0 {
@@ -572,7 +662,8 @@ impl<S: HostStream> Connection<S> {
             }
         }
         let window = IovWindow::gathered(scratch, total);
-        let n = match window.readv_from(self.stream.as_raw_fd()) {
+        let Some(fd) = self.fd() else { return Ok(0) };
+        let n = match window.readv_from(fd) {
             Ok(0) => {
                 self.host_eof = true;
                 self.host_readable = false;
@@ -669,7 +760,11 @@ impl<S: HostStream> Connection<S> {
     /// # Safety
     ///
     /// As [`Connection::use_shared_buffer`].
-    pub unsafe fn from_record(rec: &ConnRecord, stream: S, data: *mut u8) -> Result<Self, String> {
+    pub unsafe fn from_record(
+        rec: &ConnRecord,
+        stream: Option<S>,
+        data: *mut u8,
+    ) -> Result<Self, String> {
         let state = match rec.state {
             rec_state::AWAIT_LINE => State::AwaitLine,
             rec_state::CONNECTING => State::Connecting,
@@ -690,7 +785,8 @@ impl<S: HostStream> Connection<S> {
             local_port: rec.local_port,
             peer_port: rec.peer_port,
         };
-        let mut c = Self::new(stream, state, key, rec.buf_alloc);
+        let mut c = Self::new_without_stream(state, key, rec.buf_alloc);
+        c.stream = stream;
         // SAFETY: the caller's contract.
         c.txbuf = unsafe { TxBuf::shared(rec.buf_alloc as usize, data, held.0 as usize) }
             .map_err(|()| "buffer larger than the credit".to_string())?;
@@ -718,6 +814,11 @@ impl<S: HostStream> Connection<S> {
     /// not taken.
     pub fn fwd_cnt(&self) -> u32 {
         self.fwd_cnt.0
+    }
+
+    /// Host bytes sent to the guest.
+    pub fn tx_cnt(&self) -> u32 {
+        self.tx_cnt.0
     }
 
     /// Stream offset after the last guest byte received.
@@ -841,9 +942,10 @@ mod record_tests {
         assert_eq!(rec.peer_fwd_cnt, 77);
         drop(c);
         // SAFETY: as above; the first connection is gone.
-        let mut c2 =
-            unsafe { Connection::from_record(&rec, ours.try_clone().unwrap(), area.as_mut_ptr()) }
-                .unwrap();
+        let mut c2 = unsafe {
+            Connection::from_record(&rec, Some(ours.try_clone().unwrap()), area.as_mut_ptr())
+        }
+        .unwrap();
         assert_eq!(c2.record(), rec);
         assert!(c2.has_rx_work(), "owed credit update kept");
         // The host reads everything; the adopted buffer supplies the rest.
@@ -865,7 +967,7 @@ mod record_tests {
         let mut bad = rec;
         bad.txbuf_start = rec.rx_cnt.wrapping_sub(buf_alloc + 1);
         // SAFETY: as above.
-        assert!(unsafe { Connection::from_record(&bad, ours, area.as_mut_ptr()) }.is_err());
+        assert!(unsafe { Connection::from_record(&bad, Some(ours), area.as_mut_ptr()) }.is_err());
     }
 
     #[test]
@@ -878,9 +980,10 @@ mod record_tests {
         assert_eq!(c.phase(), ConnPhase::Handshake);
         let mut area = vec![0u8; 4096];
         // SAFETY: `area` is large enough and outlives the connection.
-        let c2 =
-            unsafe { Connection::from_record(&rec, ours.try_clone().unwrap(), area.as_mut_ptr()) }
-                .unwrap();
+        let c2 = unsafe {
+            Connection::from_record(&rec, Some(ours.try_clone().unwrap()), area.as_mut_ptr())
+        }
+        .unwrap();
         assert!(matches!(c2.state, State::AwaitLine), "{:?}", c2.state);
         drop(c2);
 
@@ -896,7 +999,8 @@ mod record_tests {
         assert_eq!(ConnPhase::of_record(&rec), Some(ConnPhase::Connecting));
         assert_eq!(rec.owed, 0, "no RESPONSE before the host connect");
         // SAFETY: as above; `c2` is gone.
-        let mut g2 = unsafe { Connection::from_record(&rec, ours, area.as_mut_ptr()) }.unwrap();
+        let mut g2 =
+            unsafe { Connection::from_record(&rec, Some(ours), area.as_mut_ptr()) }.unwrap();
         assert!(matches!(g2.state, State::Connecting), "{:?}", g2.state);
         assert_eq!(g2.peer_buf_alloc, 9999);
         g2.host_connected();
