@@ -9,7 +9,10 @@
 //!   before the reply, a reply that is not a line: wait
 //!   `Options::retry_interval` and try again;
 //! - `ERR <reason>`: final ([`SessionFailure::ResumeRefused`]): a correct
-//!   client's `RESUME` is refused only when the session is gone;
+//!   client's `RESUME` is refused only when the session is gone. When this
+//!   client had already seen the session complete (both `END`s
+//!   acknowledged both ways) the refusal confirms that vsockd ended it:
+//!   the session is finished;
 //! - `OK <n>` with `n` outside what this client sent: final
 //!   ([`SessionFailure::Protocol`]);
 //! - `Options::reattach_timeout` after the start: final
@@ -55,6 +58,8 @@ pub fn open(uds_path: &Path, port: u32) -> Result<(UnixStream, u32, Token), Clie
 #[derive(Debug)]
 pub enum ReattachEnd {
     Stopped,
+    /// vsockd ended the complete session.
+    Finished,
     Failed(SessionFailure),
 }
 
@@ -63,6 +68,7 @@ enum Attempt {
     Attached(Link),
     Retry(String),
     Stopped,
+    Finished,
     Failed(SessionFailure),
 }
 
@@ -85,6 +91,7 @@ pub fn reattach(
         match attempt(shared, generation, fresh, counted, deadline) {
             Attempt::Attached(link) => return Ok(link),
             Attempt::Stopped => return Err(ReattachEnd::Stopped),
+            Attempt::Finished => return Err(ReattachEnd::Finished),
             Attempt::Failed(failure) => return Err(ReattachEnd::Failed(failure)),
             Attempt::Retry(last_error) => {
                 let now = Instant::now();
@@ -150,7 +157,11 @@ fn attempt(
     {
         Ok(offset) => offset,
         Err(ClientError::Refused { reason, .. }) => {
-            let last_error_frame = shared.lock().last_error_frame.clone();
+            let state = shared.lock();
+            if state.is_complete() {
+                return Attempt::Finished;
+            }
+            let last_error_frame = state.last_error_frame.clone();
             return Attempt::Failed(SessionFailure::ResumeRefused {
                 reason,
                 last_error_frame,

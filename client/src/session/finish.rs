@@ -76,7 +76,10 @@ impl Session {
     /// side ends; use [`Session::abort`] to give up.
     pub fn close(self) -> Result<(), ClientError> {
         self.shutdown_write()?;
-        self.start()?;
+        let stopped = self.shared.lock().lifecycle == Lifecycle::Stopped;
+        if stopped {
+            self.start()?;
+        }
         let shared = &self.shared;
         let mut state = shared.lock();
         loop {

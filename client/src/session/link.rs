@@ -7,8 +7,11 @@
 //! Sending is either *idle* or *in a frame* (`tx`): a frame is chosen only
 //! when no other is in progress, so frames are whole on the wire, and it is
 //! written with as many non-blocking `sendmsg` calls as the socket needs.
-//! The choice, in order: `ABORT` if asked for, `ACK` if one is due, `DATA`
-//! from `wire_sent` while bytes wait, `END` once every byte is out.
+//! The choice, in order: `ABORT` if asked for, `ACK` if one is due (and
+//! always first on a new socket), `DATA` from `wire_sent` while bytes wait,
+//! `END` once every byte is out. Once the session is complete (both `END`s
+//! acknowledged both ways) nothing is left to send, and the link waits for
+//! vsockd to close the socket.
 //!
 //! Receiving reads whatever the socket has into `rx`; complete frames are
 //! checked (fields, checksum, offset) and applied to the shared state under
@@ -46,10 +49,8 @@ const RX_BUFFER_BYTES: usize = 4 * MAX_FRAME_BYTES;
 pub enum LinkEnd {
     /// The stub's generation is over (`stop()` or the session dropped).
     Stopped,
-    /// The socket broke; the text says how. The session reattaches.
+    /// The socket broke or vsockd closed it; the text says how.
     Broken(String),
-    /// Both streams ended and were acknowledged both ways.
-    Complete,
     /// `ABORT` was sent.
     Aborted,
 }
@@ -113,6 +114,9 @@ pub struct Link {
     wire_sent: u64,
     end_sent: bool,
     abort_sent: bool,
+    /// Acknowledge what was consumed first thing on a new socket, whether
+    /// or not vsockd counts the `RESUME` offset as an acknowledgement.
+    ack_on_attach: bool,
 }
 
 impl Link {
@@ -133,6 +137,7 @@ impl Link {
             wire_sent: state.h2g.acknowledged,
             end_sent: state.h2g.end_acknowledged,
             abort_sent: false,
+            ack_on_attach: state.g2h.consumed_offset() > 0,
         })
     }
 
@@ -150,9 +155,6 @@ impl Link {
                 }
                 if self.abort_sent {
                     return LinkEnd::Aborted;
-                }
-                if state.is_complete() {
-                    return LinkEnd::Complete;
                 }
                 if self.tx.is_none() {
                     self.tx = self.next_frame(&mut state, shared.opts.ack_every_bytes);
@@ -198,7 +200,8 @@ impl Link {
         if state.abort_requested {
             return Some(Outgoing::new(FrameHeader::control(FrameKind::Abort, 0)));
         }
-        if state.g2h.ack_due(ack_every_bytes) {
+        if self.ack_on_attach || state.g2h.ack_due(ack_every_bytes) {
+            self.ack_on_attach = false;
             state.g2h.ack_wanted = false;
             let offset = state.g2h.consumed_offset();
             return Some(Outgoing::new(FrameHeader::control(FrameKind::Ack, offset)));

@@ -111,7 +111,7 @@ impl Session {
         let link = match attach::reattach(&shared, 0, true, false) {
             Ok(link) => link,
             Err(ReattachEnd::Failed(failure)) => return Err(failure.into()),
-            Err(ReattachEnd::Stopped) => return Err(ClientError::Ended),
+            Err(ReattachEnd::Stopped | ReattachEnd::Finished) => return Err(ClientError::Ended),
         };
         let session = Session { shared };
         session.spawn_stub(0, link)?;
@@ -219,6 +219,14 @@ impl Session {
         let link = match attach::reattach(&self.shared, generation, false, true) {
             Ok(link) => link,
             Err(ReattachEnd::Stopped) => return Ok(()),
+            Err(ReattachEnd::Finished) => {
+                let mut state = self.shared.lock();
+                if state.generation == generation {
+                    state.lifecycle = Lifecycle::Finished;
+                }
+                self.shared.notify();
+                return Ok(());
+            }
             Err(ReattachEnd::Failed(failure)) => {
                 let mut state = self.shared.lock();
                 if state.generation == generation {

@@ -7,10 +7,15 @@
 //!            ▼                                      │
 //!        Attached ── EOF, I/O error, ERROR, ──▶ Reattaching ── refused / timeout ──▶ (Failed)
 //!            │        bad frame (callback)          │
-//!            ├── both ENDs acknowledged ──▶ (Finished)
+//!            │                                      └── refused once complete ──▶ (Finished)
 //!            ├── ABORT sent ──▶ (Failed: aborted)
-//!            └── generation over (stop) ──▶ exit     └── generation over ──▶ exit
+//!            └── generation over (stop) ──▶ exit     (and from Reattaching too)
 //! ```
+//!
+//! A session is complete when both `END`s are acknowledged both ways; vsockd
+//! then closes the socket. Since a dying worker closes it too, the stub
+//! confirms the end with a `RESUME`: refused means ended (Finished), accepted
+//! means it was a break after all (reported, and the `ACK` is sent again).
 //!
 //! A stub is started with a socket already attached (by `connect`,
 //! `resume` or `start`, which attach in the caller's thread so their errors
@@ -45,7 +50,6 @@ fn run(shared: &Shared, generation: u64, mut link: Link) {
     loop {
         let reason = match link.run(shared, generation) {
             LinkEnd::Stopped => return,
-            LinkEnd::Complete => return finish(shared, generation, Lifecycle::Finished),
             LinkEnd::Aborted => {
                 return finish(
                     shared,
@@ -56,12 +60,24 @@ fn run(shared: &Shared, generation: u64, mut link: Link) {
             LinkEnd::Broken(reason) => reason,
         };
         drop(link);
-        if !report_break(shared, generation, reason) {
+        // vsockd closes the socket once the session is complete; a worker
+        // dying at that moment looks the same. A RESUME tells them apart:
+        // refused, the session ended; accepted, it was a break.
+        let complete = shared.lock().is_complete();
+        if !complete && !report_break(shared, generation, reason.clone()) {
             return;
         }
         link = match reattach(shared, generation, false, true) {
-            Ok(link) => link,
+            Ok(link) => {
+                if complete && !report_break(shared, generation, reason) {
+                    return;
+                }
+                link
+            }
             Err(ReattachEnd::Stopped) => return,
+            Err(ReattachEnd::Finished) => {
+                return finish(shared, generation, Lifecycle::Finished);
+            }
             Err(ReattachEnd::Failed(failure)) => {
                 warn!("session {:?} failed: {failure}", shared.token);
                 return finish(shared, generation, Lifecycle::Failed(failure));
