@@ -169,7 +169,11 @@ impl Link {
             if interest.writable {
                 match self.write_some(shared) {
                     Ok(wrote) => progressed |= wrote,
-                    Err(reason) => return LinkEnd::Broken(reason),
+                    Err(reason) => return LinkEnd::Broken(self.last_words(shared, reason)),
+                }
+                if self.abort_sent {
+                    // vsockd closes the socket at once: nothing more to read.
+                    return LinkEnd::Aborted;
                 }
             }
             if interest.readable {
@@ -190,8 +194,21 @@ impl Link {
                 shared.waker.drain();
             }
             if ready.socket_hung_up && !interest.readable {
-                return LinkEnd::Broken("vsockd closed the connection".to_owned());
+                let reason = "vsockd closed the connection".to_owned();
+                return LinkEnd::Broken(self.last_words(shared, reason));
             }
+        }
+    }
+
+    /// After a failed write: vsockd may have said why it closed the socket
+    /// (an `ERROR` frame) before our write failed. Reads and applies what
+    /// is left; the first problem found there explains the break better.
+    fn last_words(&mut self, shared: &Shared, reason: String) -> String {
+        while let Ok(true) = self.read_some() {}
+        let mut state = shared.lock();
+        match self.apply_received(shared, &mut state) {
+            Err(explained) => explained,
+            Ok(()) => reason,
         }
     }
 

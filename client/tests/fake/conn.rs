@@ -418,7 +418,8 @@ fn finish_if_complete(state: &mut State, token: &str) -> bool {
         state.stats.completed += 1;
         return true;
     }
-    session.ended.is_some()
+    // A guest reset's ERROR frame is still to go out: the writer closes.
+    session.ended.is_some() && session.error_to_send.is_none()
 }
 
 /// Sends the guest's stream, the `END`, and `ACK`s of the host's stream.
@@ -447,7 +448,9 @@ fn write_loop(
         let mut close_after = false;
         let mut corrupted = false;
         let h2g_ack = session.h2g_len + u64::from(session.h2g_end);
-        let frame = if let Some(message) = session.error_to_send.take() {
+        // Cleared only once written: the reader leaves the socket open
+        // until then.
+        let frame = if let Some(message) = session.error_to_send.clone() {
             close_after = true;
             wire::encode(wire::ERROR, 0, message.as_bytes())
         } else if h2g_ack > h2g_acked {
@@ -487,6 +490,11 @@ fn write_loop(
         let written = stream.write_all(&frame[..allowed.unwrap_or(frame.len())]);
         if allowed.is_some() || written.is_err() || close_after {
             let _ = stream.shutdown(Shutdown::Both);
+            if close_after {
+                if let Some(session) = shared.lock().sessions.get_mut(token) {
+                    session.error_to_send = None;
+                }
+            }
             return;
         }
 
