@@ -37,8 +37,9 @@ struct Args {
     #[arg(long, value_name = "TOKEN:RECEIVED", value_parser = parse_resume)]
     resume: Option<(Token, u64)>,
 
-    /// Print `token <hex>` on standard error once connected (and, with
-    /// --resume, `resumed at <offset>`, where standard input continues).
+    /// With a resumable session: print `token <hex>` on standard error once
+    /// connected (and, with --resume, `resumed at <offset>`, where standard
+    /// input continues). A raw connection has no token.
     #[arg(long)]
     print_token: bool,
 
@@ -95,12 +96,12 @@ fn run(args: &Args) -> Result<(), ClientError> {
             bridge_session(session, stdin)
         }
         (None, Some(port)) => bridge_raw(&args.uds_path, port, stdin),
-        (None, None) => unreachable_port(),
+        (None, None) => missing_port(),
     }
 }
 
-/// clap requires PORT without --resume; kept as an error, not a panic.
-fn unreachable_port() -> Result<(), ClientError> {
+/// clap requires PORT without --resume; should that change, an error.
+fn missing_port() -> Result<(), ClientError> {
     Err(ClientError::Io {
         action: "reading the arguments",
         source: io::Error::new(io::ErrorKind::InvalidInput, "PORT is required"),

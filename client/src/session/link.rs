@@ -396,23 +396,19 @@ impl Link {
 }
 
 /// The part of a frame (header, then payload in up to two slices) after
-/// its first `written` bytes.
+/// its first `written` bytes: the parts with something left, each from
+/// where it was left. Finished parts become empty slices.
 fn unwritten<'a>(
     header: &'a [u8; FRAME_HEADER_BYTES],
     payload: [&'a [u8]; 2],
     written: usize,
-) -> Vec<IoSlice<'a>> {
+) -> [IoSlice<'a>; 3] {
     let mut skip = written;
-    let mut slices = Vec::with_capacity(3);
-    for part in [&header[..], payload[0], payload[1]] {
-        if skip >= part.len() {
-            skip -= part.len();
-        } else {
-            slices.push(IoSlice::new(&part[skip..]));
-            skip = 0;
-        }
-    }
-    slices
+    [&header[..], payload[0], payload[1]].map(|part| {
+        let from = skip.min(part.len());
+        skip -= from;
+        IoSlice::new(&part[from..])
+    })
 }
 
 #[cfg(test)]
@@ -423,7 +419,7 @@ mod tests {
     fn unwritten_skips_whole_and_partial_parts() {
         let header = [7u8; FRAME_HEADER_BYTES];
         let payload: [&[u8]; 2] = [b"abc", b"de"];
-        let join = |slices: Vec<IoSlice<'_>>| -> Vec<u8> {
+        let join = |slices: [IoSlice<'_>; 3]| -> Vec<u8> {
             slices.iter().flat_map(|s| s.iter().copied()).collect()
         };
         assert_eq!(join(unwritten(&header, payload, 0)).len(), 29);
@@ -431,6 +427,6 @@ mod tests {
         assert_eq!(join(unwritten(&header, payload, 24)), b"abcde");
         assert_eq!(join(unwritten(&header, payload, 26)), b"cde");
         assert_eq!(join(unwritten(&header, payload, 27)), b"de");
-        assert!(unwritten(&header, payload, 29).is_empty());
+        assert!(join(unwritten(&header, payload, 29)).is_empty());
     }
 }
