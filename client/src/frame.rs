@@ -23,6 +23,9 @@ pub const MAX_DATA_PAYLOAD_BYTES: usize = 65536;
 pub const MAX_ERROR_PAYLOAD_BYTES: usize = 256;
 /// Largest whole frame on the wire.
 pub const MAX_FRAME_BYTES: usize = FRAME_HEADER_BYTES + MAX_DATA_PAYLOAD_BYTES;
+/// The client sends no byte at or past the last offset vsockd acknowledged
+/// plus this (docs/resumable-sessions.md, "Flow and acknowledgement").
+pub const H2G_WINDOW_BYTES: u64 = 256 << 10;
 
 const KIND_AT: usize = 0;
 const FLAGS_AT: usize = 1;

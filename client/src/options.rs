@@ -18,6 +18,14 @@ pub struct Options {
     /// Default 64 KiB (vsockd's receive buffer is 1 MiB by default; the
     /// protocol asks for at least one `ACK` every quarter of it).
     pub ack_every_bytes: u64,
+    /// Acknowledge what the application read as soon as it read it (the
+    /// default). With `false` the session acknowledges only up to the
+    /// offset the application passes to
+    /// [`Session::acknowledge`](crate::Session::acknowledge): an
+    /// application that records its progress, to resume from it after its
+    /// own restart, acknowledges only what it recorded, since vsockd
+    /// refuses a `RESUME` below the last acknowledgement.
+    pub acknowledge_on_read: bool,
 }
 
 /// Default [`Options::reattach_timeout`].
@@ -36,6 +44,7 @@ impl Default for Options {
             retry_interval: DEFAULT_RETRY_INTERVAL,
             max_unacked_bytes: DEFAULT_MAX_UNACKED_BYTES,
             ack_every_bytes: DEFAULT_ACK_EVERY_BYTES,
+            acknowledge_on_read: true,
         }
     }
 }

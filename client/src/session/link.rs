@@ -36,7 +36,8 @@ use std::os::unix::net::UnixStream;
 use log::debug;
 
 use crate::frame::{
-    FrameHeader, FrameKind, FRAME_HEADER_BYTES, MAX_DATA_PAYLOAD_BYTES, MAX_FRAME_BYTES,
+    FrameHeader, FrameKind, FRAME_HEADER_BYTES, H2G_WINDOW_BYTES, MAX_DATA_PAYLOAD_BYTES,
+    MAX_FRAME_BYTES,
 };
 use crate::session::state::{Shared, State};
 use crate::sys::{self, Interest};
@@ -137,7 +138,7 @@ impl Link {
             wire_sent: state.h2g.acknowledged,
             end_sent: state.h2g.end_acknowledged,
             abort_sent: false,
-            ack_on_attach: state.g2h.consumed_offset() > 0,
+            ack_on_attach: state.g2h.ack_target() > 0,
         })
     }
 
@@ -220,18 +221,24 @@ impl Link {
         if self.ack_on_attach || state.g2h.ack_due(ack_every_bytes) {
             self.ack_on_attach = false;
             state.g2h.ack_wanted = false;
-            let offset = state.g2h.consumed_offset();
+            let offset = state.g2h.ack_target();
             return Some(Outgoing::new(FrameHeader::control(FrameKind::Ack, offset)));
         }
         let written = state.h2g.written();
-        if self.wire_sent < written {
-            let len = (written - self.wire_sent).min(MAX_DATA_PAYLOAD_BYTES as u64) as usize;
+        // Never past the window beyond what vsockd acknowledged.
+        let sendable = written.min(state.h2g.acknowledged + H2G_WINDOW_BYTES);
+        if self.wire_sent < sendable {
+            let len = (sendable - self.wire_sent).min(MAX_DATA_PAYLOAD_BYTES as u64) as usize;
             let start = (self.wire_sent - state.h2g.acknowledged) as usize;
             let payload = state.h2g.resend.slices(start, len);
             let header = FrameHeader::new(FrameKind::Data, self.wire_sent, payload);
             return Some(Outgoing::new(header));
         }
-        if state.h2g.end_requested && !self.end_sent && !state.h2g.end_acknowledged {
+        if state.h2g.end_requested
+            && self.wire_sent == written
+            && !self.end_sent
+            && !state.h2g.end_acknowledged
+        {
             return Some(Outgoing::new(FrameHeader::control(FrameKind::End, written)));
         }
         None

@@ -106,6 +106,9 @@ impl Session {
         let shared = new_shared(uds_path.as_ref(), token, None, opts, |opts| {
             let mut state = State::new(opts);
             state.g2h.consumed = received;
+            if let Some(confirmed) = &mut state.g2h.confirmed {
+                *confirmed = received;
+            }
             state
         })?;
         let link = match attach::reattach(&shared, 0, true, false) {
@@ -127,6 +130,23 @@ impl Session {
     /// session taken over with [`Session::resume`].
     pub fn host_port(&self) -> Option<u32> {
         self.shared.host_port
+    }
+
+    /// With [`Options::acknowledge_on_read`] off: the application has
+    /// recorded its progress up to g2h offset `offset` (at most
+    /// [`Session::received`]), so the session may acknowledge that far.
+    /// Does nothing when the session acknowledges on read.
+    pub fn acknowledge(&self, offset: u64) {
+        let mut state = self.shared.lock();
+        let consumed = state.g2h.consumed_offset();
+        let Some(confirmed) = &mut state.g2h.confirmed else {
+            return;
+        };
+        if offset.min(consumed) > *confirmed {
+            *confirmed = offset.min(consumed);
+            state.g2h.ack_wanted = true;
+            self.shared.wake_stub(&mut state);
+        }
     }
 
     /// How far the application has consumed the guest's stream: the bytes

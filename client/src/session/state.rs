@@ -176,6 +176,7 @@ impl State {
                 ack_sent: 0,
                 ack_wanted: false,
                 stub_needs_space: false,
+                confirmed: (!opts.acknowledge_on_read).then_some(0),
             },
         }
     }
@@ -259,6 +260,9 @@ pub struct Inbound {
     pub ack_wanted: bool,
     /// The stub holds a frame that does not fit in `pending`.
     pub stub_needs_space: bool,
+    /// With manual acknowledgements, the offset the application said it
+    /// recorded (`None`: acknowledge on read).
+    pub confirmed: Option<u64>,
 }
 
 impl Inbound {
@@ -273,9 +277,16 @@ impl Inbound {
         self.consumed + u64::from(self.end_consumed)
     }
 
+    /// The offset to acknowledge: what the application consumed, capped
+    /// by what it confirmed when it acknowledges by hand.
+    pub fn ack_target(&self) -> u64 {
+        let consumed = self.consumed_offset();
+        self.confirmed.map_or(consumed, |c| c.min(consumed))
+    }
+
     /// Whether the stub should send an `ACK` now.
     pub fn ack_due(&self, ack_every_bytes: u64) -> bool {
-        let target = self.consumed_offset();
+        let target = self.ack_target();
         target > self.ack_sent
             && (self.ack_wanted || target - self.ack_sent >= ack_every_bytes.max(1))
     }
@@ -288,7 +299,7 @@ impl Inbound {
             self.end = None;
         }
         self.stub_needs_space = false;
-        self.ack_wanted = self.consumed_offset() > self.ack_sent;
+        self.ack_wanted = self.ack_target() > self.ack_sent;
     }
 }
 

@@ -111,6 +111,7 @@ fn open_session(shared: Arc<Shared>, mut stream: UnixStream, conn_id: u64, port:
                 g2h_acked: 0,
                 g2h_sent_max: 0,
                 h2g_len: 0,
+                h2g_ack_sent: 0,
                 h2g_end: false,
                 h2g_end_acked: false,
                 h2g_mismatch: None,
@@ -184,6 +185,8 @@ fn resume(shared: Arc<Shared>, mut stream: UnixStream, conn_id: u64, token: &str
             }
         }
         let h2g_offset = session.h2g_len + u64::from(session.h2g_end);
+        // The reply acknowledges what it names.
+        session.h2g_ack_sent = session.h2g_ack_sent.max(h2g_offset);
         if session.h2g_end {
             session.h2g_end_acked = true;
         }
@@ -349,6 +352,13 @@ fn apply(session: &mut FakeSession, header: &wire::Header, payload: &[u8]) -> Re
                     header.offset, session.h2g_len
                 ));
             }
+            let end = header.offset + payload.len() as u64;
+            if end > session.h2g_ack_sent + vsockd_client::frame::H2G_WINDOW_BYTES {
+                return Err(format!(
+                    "DATA up to {end}, past the window after ACK {}",
+                    session.h2g_ack_sent
+                ));
+            }
             match session.guest {
                 Guest::Pattern { .. } => {
                     if session.h2g_mismatch.is_none() {
@@ -455,6 +465,7 @@ fn write_loop(
             wire::encode(wire::ERROR, 0, message.as_bytes())
         } else if h2g_ack > h2g_acked {
             h2g_acked = h2g_ack;
+            session.h2g_ack_sent = session.h2g_ack_sent.max(h2g_ack);
             wire::encode(wire::ACK, h2g_ack, &[])
         } else if session.conn_wire < session.g2h.len() as u64
             && session.conn_wire - session.g2h_acked.min(session.conn_wire) < WINDOW_BYTES

@@ -175,6 +175,9 @@ struct FakeSession {
     /// Highest offset ever put on the wire (the `END` counts one).
     g2h_sent_max: u64,
     h2g_len: u64,
+    /// The highest host-stream `ACK` written to any client socket: a
+    /// client sends nothing past it plus the window.
+    h2g_ack_sent: u64,
     h2g_end: bool,
     h2g_end_acked: bool,
     h2g_mismatch: Option<u64>,

@@ -18,6 +18,7 @@ pub fn test_options() -> Options {
         retry_interval: Duration::from_millis(5),
         max_unacked_bytes: 300 << 10,
         ack_every_bytes: 20 << 10,
+        ..Options::default()
     }
 }
 

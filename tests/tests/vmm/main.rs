@@ -42,6 +42,7 @@ use vsockd_tests::vmm::{
 };
 use vsockd_tests::{Backend, BackendKind};
 
+mod resumable;
 mod upgrade;
 
 const CID: u32 = 3;
