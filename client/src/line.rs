@@ -100,11 +100,14 @@ pub fn parse_session_connect_reply(request: &str, line: &str) -> Result<(u32, To
     })
 }
 
-/// `OK <received>`, the reply to `RESUME`: the h2g offset vsockd has.
-pub fn parse_resume_reply(request: &str, line: &str) -> Result<u64, ClientError> {
+/// `OK <received>` or `OK <received> END`, the reply to `RESUME`: the h2g
+/// offset vsockd has, and whether that includes the `END`.
+pub fn parse_resume_reply(request: &str, line: &str) -> Result<(u64, bool), ClientError> {
     parse_reply(request, line, |fields| match fields {
-        [received] => parse_u64(received),
-        _ => Err("expected `OK <received>`"),
+        [received] => Ok((parse_u64(received)?, false)),
+        ["0", "END"] => Err("an END at offset -1"),
+        [received, "END"] => Ok((parse_u64(received)?, true)),
+        _ => Err("expected `OK <received>` or `OK <received> END`"),
     })
 }
 
@@ -207,7 +210,9 @@ mod tests {
         assert_eq!(port, 99);
         assert_eq!(token.to_string(), hex);
         assert_eq!(
-            parse_resume_reply("RESUME", "OK 18446744073709551615").unwrap(),
+            parse_resume_reply("RESUME", "OK 18446744073709551615")
+                .unwrap()
+                .0,
             u64::MAX
         );
     }
@@ -243,5 +248,8 @@ mod tests {
         assert!(parse_session_connect_reply("CONNECT 1 resumable", "OK 1 abc").is_err());
         assert!(parse_session_connect_reply("CONNECT 1 resumable", "OK 1").is_err());
         assert!(parse_resume_reply("RESUME", "OK 18446744073709551616").is_err());
+        assert_eq!(parse_resume_reply("RESUME", "OK 8 END").unwrap(), (8, true));
+        assert!(parse_resume_reply("RESUME", "OK 0 END").is_err());
+        assert!(parse_resume_reply("RESUME", "OK 8 end").is_err());
     }
 }

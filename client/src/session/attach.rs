@@ -152,7 +152,7 @@ fn attempt(
         }
         Ok(())
     };
-    let peer_received = match read_line(&mut stream, &shown, keep_waiting)
+    let (peer_received, peer_has_end) = match read_line(&mut stream, &shown, keep_waiting)
         .and_then(|line| parse_resume_reply(&shown, &line))
     {
         Ok(offset) => offset,
@@ -176,7 +176,13 @@ fn attempt(
         return Attempt::Stopped;
     }
     if fresh {
-        state.h2g.acknowledged = peer_received;
+        // A new process: vsockd's offset is where its stream stands (the
+        // bytes, then the END if vsockd has it).
+        state.h2g.acknowledged = peer_received - u64::from(peer_has_end);
+        if peer_has_end {
+            state.h2g.end_requested = true;
+            state.h2g.end_acknowledged = true;
+        }
     }
     let (low, high) = (state.h2g.acknowledged, state.h2g.stream_limit());
     if !(low..=high).contains(&peer_received) {

@@ -149,7 +149,7 @@ fn resume(shared: Arc<Shared>, mut stream: UnixStream, conn_id: u64, token: &str
     let Ok(clone) = stream.try_clone() else {
         return;
     };
-    let h2g_offset = {
+    let (h2g_offset, h2g_end) = {
         let mut state = shared.lock();
         let Some(session) = state.sessions.get_mut(token) else {
             drop(state);
@@ -187,15 +187,23 @@ fn resume(shared: Arc<Shared>, mut stream: UnixStream, conn_id: u64, token: &str
         let h2g_offset = session.h2g_len + u64::from(session.h2g_end);
         // The reply acknowledges what it names.
         session.h2g_ack_sent = session.h2g_ack_sent.max(h2g_offset);
-        if session.h2g_end {
+        let h2g_end = session.h2g_end;
+        if h2g_end {
             session.h2g_end_acked = true;
         }
         state.stats.resumes += 1;
-        h2g_offset
+        (h2g_offset, h2g_end)
     };
     shared.changed.notify_all();
     if stream
-        .write_all(format!("OK {h2g_offset}\n").as_bytes())
+        .write_all(
+            if h2g_end {
+                format!("OK {h2g_offset} END\n")
+            } else {
+                format!("OK {h2g_offset}\n")
+            }
+            .as_bytes(),
+        )
         .is_err()
     {
         return;

@@ -84,6 +84,20 @@ impl<S: HostStream> Connection<S> {
             .map_or(0, |s| s.h2g_offset(self.tx_cnt.0) + u64::from(ended))
     }
 
+    /// The answer to a `RESUME`: the h2g offset vsockd has, the client's
+    /// `END` included (with the word `END`) once it was read.
+    pub(crate) fn resume_reply(&self) -> String {
+        let bytes = self
+            .session
+            .as_ref()
+            .map_or(0, |s| s.h2g_offset(self.tx_cnt.0));
+        if self.host_eof {
+            format!("OK {} END\n", bytes + 1)
+        } else {
+            format!("OK {bytes}\n")
+        }
+    }
+
     /// g2h offsets: (acknowledged, received from the guest).
     pub(crate) fn g2h_window(&self) -> (u64, u64) {
         let acked = self

@@ -97,7 +97,7 @@ impl<H: Host> Muxer<H> {
         let Some(conn) = self.conn(target) else {
             return;
         };
-        let reply = format!("OK {}\n", conn.h2g_ack_value());
+        let reply = conn.resume_reply();
         let Some(client) = self.conn(slot) else {
             return;
         };

@@ -345,3 +345,101 @@ fn bad_tokens_offsets_and_checksums_are_refused_on_that_socket_alone() {
     }
     rig.assert_clean();
 }
+
+/// The guest stream offset `session-peer` recorded in `state`, if any.
+fn peer_progress(state: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(state).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn the_host_client_process_killed_10_times_resumes_with_its_token() {
+    const PORT: u32 = 7993;
+    const SEED: u64 = 8100;
+    const BYTES: u64 = 48 << 20;
+    const KILLS: u64 = 10;
+    let name = "resumable-client-restarts";
+    if skipped_unless_vsockd(name) {
+        return;
+    }
+    let mut rig = Rig::with_log_level(name, opts(), Some("info"));
+    let mut rng = Rng::from_clock();
+    let state = rig.dir.join("session-peer.state");
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_session-peer"))
+            .arg(rig.uds())
+            .args([PORT.to_string()])
+            .arg(&state)
+            .args([SEED.to_string(), BYTES.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+    };
+    let gl = rig.ok(rig.vm().listen(PORT), "guest listen");
+    let mut child = rig.ok(spawn(), "start session-peer");
+    let g = rig.ok(gl.accept(T), "guest accept");
+    let (written, check) = thread::scope(|sc| {
+        let gw = sc.spawn(|| {
+            guest_write(&g, SEED, 0, BYTES)?;
+            g.shutdown_write()
+        });
+        let gr = sc.spawn(|| read_checked(&g, reply_seed(SEED)));
+        for k in 0..KILLS {
+            // Kill it mid-transfer: once it has read past the next mark.
+            let mark = (k + 1) * BYTES / (KILLS + 2);
+            let started = Instant::now();
+            while peer_progress(&state).is_none_or(|r| r < mark) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    rig.fail(format!("session-peer exited ({status}) before kill #{k}"));
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    rig.fail(format!(
+                        "session-peer stuck below offset {mark} before kill #{k}"
+                    ));
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            thread::sleep(Duration::from_micros(rng.below(3000)));
+            rig.ok(child.kill(), "kill session-peer");
+            rig.ok(child.wait(), "reap session-peer");
+            child = rig.ok(spawn(), "restart session-peer");
+        }
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = rig.ok(child.try_wait(), "wait for session-peer") {
+                break status;
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                rig.fail("session-peer did not finish within 120 s of its last restart");
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        let mut out = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        if !status.success() || !out.starts_with("DONE") {
+            rig.fail(format!(
+                "session-peer after {KILLS} restarts: {status}: {out}"
+            ));
+        }
+        (
+            gw.join().expect("guest writer"),
+            gr.join().expect("guest reader"),
+        )
+    });
+    rig.ok(written, "guest write");
+    let check = rig.ok(check, "guest read");
+    if !exact(&check, BYTES) {
+        rig.fail(format!(
+            "host to guest across {KILLS} client restarts: stream ends at {}, lost {}, repeated {}, gaps {:?}, corrupt {}",
+            check.offset(),
+            check.lost(),
+            check.duplicated(),
+            check.gaps,
+            check.corrupt
+        ));
+    }
+    eprintln!("{name}: {KILLS} restarts of the client process, {BYTES} bytes each way exact");
+    rig.assert_clean();
+}
