@@ -1420,3 +1420,287 @@ fn upgrades_20_times_during_verified_transfers_with_a_real_guest() {
         ));
     }
 }
+
+// 13. Resumable host sessions with a real guest: the worker killed 30
+// times during verified transfers, and the host client process itself
+// killed and started again 10 times mid-transfer.
+
+/// Session options for the guest tests: patient reattachment (a restart
+/// under TCG takes a while), quick retries.
+fn session_opts() -> vsockd_client::Options {
+    vsockd_client::Options {
+        reattach_timeout: Duration::from_secs(60),
+        retry_interval: Duration::from_millis(5),
+        ..vsockd_client::Options::default()
+    }
+}
+
+/// What one direction of a session carried, as its reader checked it.
+fn session_check_line(
+    what: &str,
+    c: &vsockd_tests::chaos::StreamCheck,
+    written: u64,
+) -> Option<String> {
+    let exact = !c.corrupt
+        && c.offset() == written
+        && c.lost() == 0
+        && c.duplicated() == 0
+        && c.gaps.is_empty();
+    (!exact).then(|| {
+        format!(
+            "{what}: wrote {written}, read up to {}, lost {}, repeated {}, gaps {:?}, corrupt {}",
+            c.offset(),
+            c.lost(),
+            c.duplicated(),
+            c.gaps,
+            c.corrupt
+        )
+    })
+}
+
+#[test]
+fn resumable_sessions_exact_across_30_worker_kills_with_a_real_guest() {
+    use vsockd_client::Session;
+    use vsockd_tests::chaos::{publish_report, StreamCheck};
+
+    const SESSIONS: u64 = 4;
+    const PORT: u32 = 7301;
+    const SEED: u64 = 0x9000;
+    /// Every this many kills, one lands inside a QEMU stop and cont.
+    const PAUSE_EVERY: u32 = 10;
+    let kills = Churn::events_from_env("VSOCKD_QEMU_RESUMABLE_KILLS", 30);
+    let Some(rig) = Churn::rig(
+        "qemu-resumable-kills",
+        "only vsockd has resumable sessions and a keeper",
+    ) else {
+        return;
+    };
+    let rig = &rig;
+    let mut rng = Rng::from_clock();
+    eprintln!("{}: random seed {}", rig.name, rng.seed());
+    // Each guest connection sends its seed's stream until the host ends
+    // its own, and checks what it receives (reporting any gap).
+    let guest = Churn::probe_listen(
+        rig,
+        &format!("{PORT} --count {SESSIONS} --seed-step 1 chaos {SEED}"),
+    );
+    let sessions: Vec<Session> = (0..SESSIONS)
+        .map(|i| {
+            rig.ok(
+                Session::connect(rig.uds(), PORT, session_opts()),
+                &format!("session {i}: resumable CONNECT"),
+            )
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let results = thread::scope(|sc| {
+        let flows: Vec<_> = sessions
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let seed = SEED + i as u64;
+                let stop = &stop;
+                let writer = sc.spawn(move || -> std::io::Result<u64> {
+                    let mut buf = vec![0u8; 32 * 1024];
+                    let mut at = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        pattern::fill(reply_seed(seed), at, &mut buf);
+                        (&*s).write_all(&buf)?;
+                        at += buf.len() as u64;
+                    }
+                    s.shutdown_write().map_err(std::io::Error::other)?;
+                    Ok(at)
+                });
+                let reader = sc.spawn(move || -> std::io::Result<StreamCheck> {
+                    let mut c = StreamCheck::new(seed);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match (&*s).read(&mut buf)? {
+                            0 => return Ok(c),
+                            n => c.feed(&buf[..n]),
+                        }
+                    }
+                });
+                (i, writer, reader)
+            })
+            .collect();
+        for k in 0..kills {
+            thread::sleep(Duration::from_millis(30 + rng.below(200)));
+            if k % PAUSE_EVERY == PAUSE_EVERY - 1 {
+                rig.ok(rig.vm().stop(), &format!("QEMU stop around kill #{k}"));
+                rig.ok(
+                    rig.backend.kill_worker(Duration::from_secs(10)),
+                    &format!("kill #{k} in a pause"),
+                );
+                rig.ok(rig.vm().cont(), &format!("QEMU cont after kill #{k}"));
+            } else {
+                rig.ok(rig.backend.kill_worker_now(T), &format!("kill #{k}"));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        flows
+            .into_iter()
+            .map(|(i, w, r)| {
+                (
+                    i,
+                    w.join().expect("session writer"),
+                    r.join().expect("session reader"),
+                )
+            })
+            .collect::<Vec<_>>()
+    });
+    let out = rig.ok(guest.wait(T), "guest probe");
+    let guest_sides = parse_results(&out.output);
+    let mut problems = Vec::new();
+    if out.status != 0 {
+        problems.push(format!(
+            "the guest probe exited {}:\n{}",
+            out.status, out.output
+        ));
+    }
+    let (mut verified, mut reattached) = (0u64, 0u64);
+    let (mut lost, mut repeated) = (0u64, 0u64);
+    for (i, written, check) in results {
+        let seed = SEED + i as u64;
+        let g = guest_sides
+            .iter()
+            .find(|r| r.kind == "RESULT" && r.num("seed") == Some(seed as i64));
+        let Some(g) = g else {
+            problems.push(format!("session {i}: no guest result for seed {seed:#x}"));
+            continue;
+        };
+        if g.get("errno") != Some("-") {
+            problems.push(format!("session {i}: the guest saw an error: {g:?}"));
+        }
+        // Guest to host: what the guest sent, exactly.
+        let guest_sent = g.num("sent").unwrap_or(-1) as u64;
+        match check {
+            Ok(c) => {
+                verified += c.offset();
+                lost += c.lost();
+                repeated += c.duplicated();
+                problems.extend(session_check_line(
+                    &format!("session {i} guest to host"),
+                    &c,
+                    guest_sent,
+                ));
+            }
+            Err(e) => problems.push(format!("session {i} guest to host: read failed: {e}")),
+        }
+        // Host to guest: what the host wrote, exactly (the guest counts
+        // gaps in `lost` and `dup`).
+        match written {
+            Ok(w) => {
+                verified += w;
+                let (received, g_lost, g_dup) = (g.num("received"), g.num("lost"), g.num("dup"));
+                lost += g_lost.unwrap_or(0).max(0) as u64;
+                repeated += g_dup.unwrap_or(0).max(0) as u64;
+                if received != Some(w as i64) || g_lost != Some(0) || g_dup != Some(0) {
+                    problems.push(format!(
+                        "session {i} host to guest: wrote {w}, the guest reports received {received:?} lost {g_lost:?} repeated {g_dup:?}"
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("session {i} host to guest: write failed: {e}")),
+        }
+        reattached += sessions[i].reattach_count();
+        if sessions[i].reattach_count() == 0 {
+            problems.push(format!("session {i} never reattached across {kills} kills"));
+        }
+    }
+    let report = format!(
+        "kills {kills} | sessions {SESSIONS} | bytes verified {verified} | bytes lost {lost} | bytes repeated {repeated} | reattachments {reattached} | {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if !problems.is_empty() {
+        rig.fail(format!("{report}\n{}", problems.join("\n")));
+    }
+    publish_report(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "resumable sessions, worker kills, QEMU guest",
+        &report,
+    );
+    for s in sessions {
+        rig.ok(s.close(), "close a finished session");
+    }
+    rig.no_vhost_errors_in_qemu_log();
+}
+
+#[test]
+fn the_host_client_process_killed_10_times_resumes_with_a_real_guest() {
+    const PORT: u32 = 7311;
+    const SEED: u64 = 0x9100;
+    const BYTES: u64 = 24 * MIB;
+    const RESTARTS: u64 = 10;
+    let Some(rig) = Churn::rig(
+        "qemu-resumable-client-restarts",
+        "only vsockd has resumable sessions",
+    ) else {
+        return;
+    };
+    let rig = &rig;
+    let mut rng = Rng::from_clock();
+    let state = rig.dir.join("session-peer.state");
+    let progress = || -> Option<u64> {
+        let text = std::fs::read_to_string(&state).ok()?;
+        text.split_whitespace().nth(1)?.parse().ok()
+    };
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_session-peer"))
+            .arg(rig.uds())
+            .arg(PORT.to_string())
+            .arg(&state)
+            .args([SEED.to_string(), BYTES.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+    };
+    // The guest sends its stream and checks the reply, exactly, to EOF.
+    let guest = rig.probe_listen(&format!("{PORT} bidiv {BYTES} {SEED}"));
+    let mut child = rig.ok(spawn(), "start session-peer");
+    for k in 0..RESTARTS {
+        let mark = (k + 1) * BYTES / (RESTARTS + 2);
+        let waited = Instant::now();
+        while progress().is_none_or(|r| r < mark) {
+            if let Ok(Some(status)) = child.try_wait() {
+                rig.fail(format!("session-peer exited ({status}) before kill #{k}"));
+            }
+            if waited.elapsed() > T {
+                rig.fail(format!(
+                    "session-peer stuck below offset {mark} before kill #{k}"
+                ));
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        thread::sleep(Duration::from_micros(rng.below(20_000)));
+        rig.ok(child.kill(), "kill session-peer");
+        rig.ok(child.wait(), "reap session-peer");
+        child = rig.ok(spawn(), "restart session-peer");
+    }
+    let waited = Instant::now();
+    let status = loop {
+        if let Some(status) = rig.ok(child.try_wait(), "wait for session-peer") {
+            break status;
+        }
+        if waited.elapsed() > T {
+            let _ = child.kill();
+            rig.fail("session-peer did not finish after its last restart");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if !status.success() || !out.starts_with("DONE") {
+        rig.fail(format!(
+            "session-peer after {RESTARTS} restarts: {status}: {out}"
+        ));
+    }
+    rig.probe_ok(&guest, "guest side of the restarted client's session");
+    eprintln!(
+        "{}: {RESTARTS} restarts of the client process, {BYTES} bytes each way exact",
+        rig.name
+    );
+    rig.no_vhost_errors_in_qemu_log();
+}
