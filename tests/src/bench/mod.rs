@@ -19,6 +19,7 @@ pub mod phases;
 pub mod probe;
 pub mod procstat;
 pub mod report;
+pub mod sessions;
 pub mod upgrade;
 pub mod workload;
 
