@@ -104,6 +104,26 @@ fn check_sessions_exact(rig: &Rig, results: Vec<FlowResult>, report: &mut ChaosR
     }
 }
 
+/// Ends the test process with `what` if it is still alive `limit` from
+/// now, unless dropped first: a stream that stops moving would otherwise
+/// block its reader (and the test) for ever.
+struct Watchdog {
+    _cancel: std::sync::mpsc::Sender<()>,
+}
+
+impl Watchdog {
+    fn arm(what: String, limit: Duration) -> Watchdog {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                eprintln!("{what}: still running after {limit:?}: a stream stopped moving");
+                std::process::exit(101);
+            }
+        });
+        Watchdog { _cancel: tx }
+    }
+}
+
 fn exact(check: &StreamCheck, written: u64) -> bool {
     !check.corrupt
         && check.offset() == written
@@ -128,6 +148,7 @@ fn resumable_sessions_lose_and_repeat_nothing_across_30_worker_kills() {
     let mut report = ChaosReport::default();
     let vm = rig.vm();
     let rig_ref = &rig;
+    let watchdog = Watchdog::arm(name.to_string(), Duration::from_secs(300));
     let results = thread::scope(|sc| {
         let flows = session_flows(sc, &sessions, &stop);
         for k in 0..KILLS {
@@ -142,6 +163,7 @@ fn resumable_sessions_lose_and_repeat_nothing_across_30_worker_kills() {
         stop.store(true, Ordering::Relaxed);
         join_flows(flows)
     });
+    drop(watchdog);
     check_sessions_exact(&rig, results, &mut report);
     let reattached: u64 = sessions.iter().map(|(_, s)| s.reattach_count()).sum();
     publish_report(
@@ -175,6 +197,7 @@ fn resumable_sessions_are_handed_over_attached_across_upgrades() {
     let stop = AtomicBool::new(false);
     let mut report = ChaosReport::default();
     let rig_ref = &rig;
+    let watchdog = Watchdog::arm(name.to_string(), Duration::from_secs(300));
     let results = thread::scope(|sc| {
         let flows = session_flows(sc, &sessions, &stop);
         for k in 0..UPGRADES {
@@ -190,6 +213,7 @@ fn resumable_sessions_are_handed_over_attached_across_upgrades() {
         stop.store(true, Ordering::Relaxed);
         join_flows(flows)
     });
+    drop(watchdog);
     check_sessions_exact(&rig, results, &mut report);
     let reattached: u64 = sessions.iter().map(|(_, s)| s.reattach_count()).sum();
     eprintln!("{name}: {report}; reattachments {reattached} over {UPGRADES} upgrades");
