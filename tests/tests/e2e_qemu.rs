@@ -1704,3 +1704,72 @@ fn the_host_client_process_killed_10_times_resumes_with_a_real_guest() {
     );
     rig.no_vhost_errors_in_qemu_log();
 }
+
+#[test]
+fn vsock_connect_bridges_stdin_and_stdout_across_worker_kills_with_a_real_guest() {
+    const PORT: u32 = 7321;
+    const SEED: u64 = 0x9200;
+    const BYTES: u64 = 16 * MIB;
+    const KILLS: u32 = 3;
+    let Some(rig) = Churn::rig(
+        "qemu-vsock-connect",
+        "only vsockd has resumable sessions and a keeper",
+    ) else {
+        return;
+    };
+    let rig = &rig;
+    // The guest sends SEED's stream and checks the reply, exactly, to EOF;
+    // vsock-connect's stdin is the reply, its stdout what the guest sent.
+    let input = rig.dir.join("stdin.bin");
+    let mut reply = vec![0u8; BYTES as usize];
+    pattern::fill(reply_seed(SEED), 0, &mut reply);
+    rig.ok(
+        std::fs::write(&input, &reply),
+        "write vsock-connect's input",
+    );
+    let guest = rig.probe_listen(&format!("{PORT} bidiv {BYTES} {SEED}"));
+    let tool = vsockd_tests::image::target_dir()
+        .join("release")
+        .join("vsock-connect");
+    let mut child = rig.ok(
+        std::process::Command::new(&tool)
+            .arg("--resumable")
+            .arg(rig.uds())
+            .arg(PORT.to_string())
+            .stdin(rig.ok(std::fs::File::open(&input), "open the input"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn(),
+        &format!("start {}", tool.display()),
+    );
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let output = thread::scope(|sc| {
+        let reader = sc.spawn(move || {
+            let mut v = Vec::new();
+            stdout.read_to_end(&mut v).map(|_| v)
+        });
+        for k in 0..KILLS {
+            thread::sleep(Duration::from_millis(150));
+            rig.ok(rig.backend.kill_worker_now(T), &format!("kill #{k}"));
+        }
+        reader.join().expect("stdout reader")
+    });
+    let output = rig.ok(output, "read vsock-connect's output");
+    let status = rig.ok(child.wait(), "wait for vsock-connect");
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    if !status.success() {
+        rig.fail(format!("vsock-connect: {status}: {stderr}"));
+    }
+    if output.len() as u64 != BYTES || pattern::check(SEED, 0, &output).is_some() {
+        rig.fail(format!(
+            "vsock-connect printed {} bytes, expected the guest's {BYTES}; first wrong byte at {:?}",
+            output.len(),
+            pattern::check(SEED, 0, &output)
+        ));
+    }
+    rig.probe_ok(&guest, "guest side of vsock-connect's session");
+    rig.no_vhost_errors_in_qemu_log();
+}
