@@ -57,10 +57,15 @@ impl Rig {
     /// A rig whose backend logs at `level` (default: debug, or
     /// `VSOCKD_E2E_LOG_LEVEL`).
     fn with_log_level(name: &str, level: Option<&str>) -> Rig {
+        Rig::with_args(name, level, &[])
+    }
+
+    /// A rig whose backend gets `extra` arguments.
+    fn with_args(name: &str, level: Option<&str>, extra: &[&str]) -> Rig {
         let image = GuestImage::get().unwrap_or_else(|e| panic!("guest image: {e}"));
         let dir = temp_dir(name).unwrap_or_else(|e| panic!("{e}"));
         let kind = BackendKind::from_env().unwrap_or_else(|e| panic!("{name}: {e}"));
-        let backend = Backend::start_in(kind, &dir, CID, level, &[])
+        let backend = Backend::start_in(kind, &dir, CID, level, extra)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut rig = Rig {
             name: name.to_string(),
@@ -1771,5 +1776,65 @@ fn vsock_connect_bridges_stdin_and_stdout_across_worker_kills_with_a_real_guest(
         ));
     }
     rig.probe_ok(&guest, "guest side of vsock-connect's session");
+    rig.no_vhost_errors_in_qemu_log();
+}
+
+#[test]
+fn a_resumable_session_nobody_resumes_resets_the_guest_after_the_grace_period() {
+    use vsockd_client::Session;
+    const PORT: u32 = 7331;
+    const SEED: u64 = 0x9300;
+    let rig = Rig::with_args("qemu-resume-grace", None, &["--resume-grace", "2"]);
+    if rig.backend.kind() != BackendKind::Vsockd {
+        eprintln!("{}: SKIPPED: only vsockd has resumable sessions", rig.name);
+        return;
+    }
+    // The guest waits for more bytes than the client sends: its read ends
+    // only when the connection does.
+    let guest = rig.probe_listen(&format!("{PORT} recvv {} {SEED}", 2 * MIB));
+    let s = rig.ok(
+        Session::connect(rig.uds(), PORT, session_opts()),
+        "resumable CONNECT",
+    );
+    let mut half = vec![0u8; MIB as usize];
+    pattern::fill(SEED, 0, &mut half);
+    rig.ok((&s).write_all(&half), "session write");
+    rig.ok(
+        s.flush_acknowledged(T),
+        "the guest has the first MiB (acknowledged)",
+    );
+    let token = s.token();
+    let received = s.received();
+    let left = Instant::now();
+    // The client goes away; the guest's connection stays open for the
+    // grace period, then it is reset.
+    s.stop();
+    let out = rig.ok(guest.wait(T), "guest probe");
+    let waited = left.elapsed();
+    let results = parse_results(&out.output);
+    let r = results
+        .iter()
+        .find(|r| r.kind == "RESULT")
+        .unwrap_or_else(|| rig.fail(format!("no guest result:\n{}", out.output)));
+    // Linux ends the guest's read at the RST as at an end of stream (or
+    // with ECONNRESET): either way, after exactly the first MiB.
+    if r.num("received") != Some(MIB as i64) || r.get("ok") != Some("no") {
+        rig.fail(format!(
+            "the guest should have read 1 MiB, then its connection end: {}",
+            out.output
+        ));
+    }
+    if waited < Duration::from_millis(1900) {
+        rig.fail(format!(
+            "the guest was reset {waited:?} after its client left, before the 2 s grace period"
+        ));
+    }
+    match Session::resume(rig.uds(), token, received, session_opts()) {
+        Err(e) if e.to_string().contains("unknown or expired token") => {}
+        other => rig.fail(format!(
+            "resuming the expired session: {:?}",
+            other.map(|s| s.token())
+        )),
+    }
     rig.no_vhost_errors_in_qemu_log();
 }
