@@ -676,10 +676,8 @@ impl<S: HostStream> Connection<S> {
     /// The next frame to write, if any: an owed `ACK`, `DATA`, the `END`.
     fn next_out_frame(&mut self) -> Option<OutFrame> {
         let ack = self.h2g_ack_value();
-        let (acked, received) = self.g2h_window();
+        let (_, received) = self.g2h_window();
         let guest_ended = self.peer_shutdown & SHUTDOWN_SEND != 0;
-        let fwd_cnt = self.fwd_cnt;
-        let rx_cnt = self.rx_cnt.0;
         let s = self.session.as_mut()?;
         if s.ack_owed {
             s.ack_owed = false;
@@ -688,23 +686,36 @@ impl<S: HostStream> Connection<S> {
                 return Some(OutFrame::new(Frame::bare(Kind::Ack, ack)));
             }
         }
-        if s.g2h_sent < received {
-            let len = (received - s.g2h_sent).min(MAX_DATA_PAYLOAD_BYTES as u64) as usize;
-            let from = fwd_cnt + Wrapping((s.g2h_sent - acked) as u32);
-            let mut frame = Frame::new(Kind::Data, s.g2h_sent, len as u32);
-            let mut sum = frame.checksum_start();
-            let (a, b) = self.txbuf.slices(from.0, len, rx_cnt)?;
-            sum.update(a);
-            sum.update(b);
-            frame.seal(sum);
-            s.g2h_sent += len as u64;
+        let sent = s.g2h_sent;
+        if sent < received {
+            let len = (received - sent).min(MAX_DATA_PAYLOAD_BYTES as u64) as u32;
+            let frame = self.data_frame(sent, len)?;
+            if let Some(s) = &mut self.session {
+                s.g2h_sent += u64::from(len);
+            }
             return Some(OutFrame::new(frame));
         }
+        let s = self.session.as_mut()?;
         if guest_ended && !s.end_sent && !s.end_acked {
             s.end_sent = true;
             return Some(OutFrame::new(Frame::bare(Kind::End, received)));
         }
         None
+    }
+
+    /// A sealed `DATA` frame header for the g2h bytes `[offset, offset +
+    /// len)`, checksummed from the buffer; `None` if they are not all
+    /// buffered.
+    fn data_frame(&mut self, offset: u64, len: u32) -> Option<Frame> {
+        let (acked, _) = self.g2h_window();
+        let from = self.fwd_cnt + Wrapping(offset.checked_sub(acked)? as u32);
+        let mut frame = Frame::new(Kind::Data, offset, len);
+        let mut sum = frame.checksum_start();
+        let (a, b) = self.txbuf.slices(from.0, len as usize, self.rx_cnt.0)?;
+        sum.update(a);
+        sum.update(b);
+        frame.seal(sum);
+        Some(frame)
     }
 
     /// Rebuilds the frame a quiesced predecessor was writing (a hand-over):
@@ -716,21 +727,11 @@ impl<S: HostStream> Connection<S> {
         len: u32,
         written: usize,
     ) -> bool {
-        let (acked, _) = self.g2h_window();
         let frame = match kind {
-            Kind::Data => {
-                let from = self.fwd_cnt + Wrapping(offset.wrapping_sub(acked) as u32);
-                let mut frame = Frame::new(Kind::Data, offset, len);
-                let mut sum = frame.checksum_start();
-                let rx_cnt = self.rx_cnt.0;
-                let Some((a, b)) = self.txbuf.slices(from.0, len as usize, rx_cnt) else {
-                    return false;
-                };
-                sum.update(a);
-                sum.update(b);
-                frame.seal(sum);
-                frame
-            }
+            Kind::Data => match self.data_frame(offset, len) {
+                Some(f) => f,
+                None => return false,
+            },
             other => Frame::bare(other, offset),
         };
         let out = OutFrame {
