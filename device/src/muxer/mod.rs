@@ -489,9 +489,12 @@ impl<H: Host> Muxer<H> {
         let before = self.conn(slot).map(|c| (c.uid, c.rx_cnt()));
         let parked = self.handle_conn_packet(slot, &hdr, pkt, len, chain.map(|c| c.head));
         self.tx_applied(slot, chain, before, len);
-        // A session's stream that broke while its bytes were framed is
-        // detached only now, after the chain's commit.
-        self.after_session_io(slot);
+        if self.conn(slot).is_some_and(|c| c.broken.is_some()) {
+            // A session's stream that broke while its bytes were framed
+            // is detached only now, after the chain's commit.
+            self.detach(slot);
+        }
+        self.enqueue(slot);
         parked
     }
 
@@ -674,8 +677,11 @@ impl<H: Host> Muxer<H> {
             {
                 self.rx_acks.push(slot);
             }
-            if let Some(k) = &mut self.keep {
-                k.rx_touched(slot, conn);
+            // A session may change without filling a buffer (an ACK read).
+            if fill.is_some() || conn.session.is_some() {
+                if let Some(k) = &mut self.keep {
+                    k.rx_touched(slot, conn);
+                }
             }
             if conn.broken.is_some() {
                 self.detach(slot);
